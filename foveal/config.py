@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -90,7 +89,8 @@ class AuthSettings(_Section):
 
 class ImageUrlSettings(_Section):
     enabled: bool = Field(
-        False, description="Allow `http(s)://` image URLs (refused by default; `data:` always works)."
+        False,
+        description="Allow `http(s)://` image URLs (refused by default; `data:` always works).",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -134,9 +134,7 @@ class EndpointSettings(_Section):
 class TierSettings(_Section):
     name: str = Field(description="Tier name clients may pin as `model`, e.g. `t16`.")
     visual_tokens: int = Field(gt=0, description="Visual-token budget per image.")
-    cost_weight: float = Field(
-        1.0, gt=0, description="Relative cost of one request on this tier."
-    )
+    cost_weight: float = Field(1.0, gt=0, description="Relative cost of one request on this tier.")
     backend: Literal["reference", "vllm", "fake"] = Field(
         "fake", description="What serves the tier: the reference VLM, vLLM, or the test fake."
     )
@@ -199,9 +197,30 @@ class PolicySettings(_Section):
     )
     high_keywords: list[str] = Field(
         default_factory=lambda: [
-            "read", "text", "ocr", "document", "chart", "graph", "table", "written",
-            "says", "word", "number", "digit", "label", "sign", "receipt", "invoice",
-            "page", "transcribe", "spell", "letter", "plot", "axis", "field", "form",
+            "read",
+            "text",
+            "ocr",
+            "document",
+            "chart",
+            "graph",
+            "table",
+            "written",
+            "says",
+            "word",
+            "number",
+            "digit",
+            "label",
+            "sign",
+            "receipt",
+            "invoice",
+            "page",
+            "transcribe",
+            "spell",
+            "letter",
+            "plot",
+            "axis",
+            "field",
+            "form",
         ],
         description="Prompt words that call for full resolution.",
     )

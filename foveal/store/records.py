@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["DecisionRecord", "FeedbackRecord"]
+__all__ = ["ApiKeyInfo", "DecisionRecord", "FeedbackRecord", "TenantRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +40,20 @@ class FeedbackRecord:
     tenant: str
     score: float
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    name: str
+    max_tokens_cap: int | None  # None: the global default cap applies
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """What the store keeps about an API key that may be shown: never the key itself."""
+
+    prefix: str  # the first 8 characters after ``fvl_``
+    tenant: str
+    created_at: datetime
+    revoked: bool

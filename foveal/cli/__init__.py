@@ -1,0 +1,252 @@
+"""The `foveal` command line: the local stack, the router, API keys, config, benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from foveal.cli.logs import configure_logging
+from foveal.config import Settings, load_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Foveal: route VLM requests to the cheapest visual-token tier.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="API keys (each maps to a tenant).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants and their caps.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+router_app = typer.Typer(
+    help="The router (gateway + gRPC) on configured pools.", no_args_is_help=True
+)
+bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(config_app, name="config")
+app.add_typer(router_app, name="router")
+app.add_typer(bench_app, name="bench")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL (overrides config).")]
+console = Console()
+
+
+def _settings(
+    config: Path | None, store: str | None = None, **sections: dict[str, Any]
+) -> Settings:
+    settings = load_settings(config)
+    updates: dict[str, Any] = {}
+    if store:
+        updates["store"] = settings.store.model_copy(update={"url": store})
+    for name, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            updates[name] = getattr(settings, name).model_copy(update=values)
+    settings = settings.model_copy(update=updates)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+async def _serve_until_signal(start: Any, stop: Any) -> None:
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await start()
+        await done.wait()
+    finally:
+        console.print("stopping…")
+        await stop()
+
+
+@app.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="Gateway port (0: a free one).")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC router port (0: a free one).")] = None,
+    auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys.")] = False,
+    replicas: Annotated[int, typer.Option(help="Local pool replicas per tier.")] = 1,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Start the local stack: gateway + gRPC router (SQLite store) + one local pool per tier."""
+    from foveal.testing.stack import LocalStack
+
+    settings = _settings(
+        config,
+        store,
+        gateway={"port": port},
+        grpc={"port": grpc_port},
+        auth={"enabled": auth or None},
+    )
+    stack = LocalStack(settings)
+
+    async def start() -> None:
+        await stack.start(replicas=replicas)
+        _print_stack(stack)
+
+    asyncio.run(_serve_until_signal(start, stack.stop))
+
+
+def _print_stack(stack: Any) -> None:
+    s = stack.settings
+    table = Table(title="Foveal local stack", show_header=False)
+    table.add_row("OpenAI-compatible gateway", f"{stack.http_url}/v1")
+    table.add_row("gRPC router (foveal.v1.Router)", stack.grpc_target)
+    table.add_row("store", s.store.url)
+    table.add_row(
+        "auth",
+        "API keys required"
+        if s.auth.enabled
+        else f"DISABLED (every request is tenant {s.auth.default_tenant!r})",
+    )
+    for tier in s.tiers:
+        label = "FAKE pool (test double)" if tier.name in stack.pools else tier.backend
+        urls = ", ".join(e.url for e in tier.endpoints)
+        table.add_row(f"tier {tier.name} ({tier.visual_tokens} visual tokens)", f"{label}: {urls}")
+    console.print(table)
+    console.print(f"try: curl -s {stack.http_url}/v1/models   (Ctrl-C stops everything)")
+
+
+@router_app.command("serve")
+def router_serve(
+    port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address of both edges.")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the gateway and gRPC router over the pools named in the config."""
+    from foveal.router.app import RouterApp
+
+    settings = _settings(
+        config, store, gateway={"port": port, "host": host}, grpc={"port": grpc_port, "host": host}
+    )
+    missing = [t.name for t in settings.tiers if not t.endpoints]
+    if missing:
+        raise typer.BadParameter(f"tiers without endpoints: {missing} (use `foveal up` locally)")
+    router = RouterApp(settings)
+
+    async def start() -> None:
+        await router.start()
+        console.print(f"gateway {router.http_url}  gRPC {router.grpc_target}")
+
+    asyncio.run(_serve_until_signal(start, router.stop))
+
+
+def _store(config: Path | None, store: str | None) -> Any:
+    from foveal.store import Store
+
+    db = Store(_settings(config, store).store.url)
+    db.migrate()
+    return db
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to (created if new).")],
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    db = _store(config, store)
+    try:
+        key = db.create_api_key(tenant)
+    finally:
+        db.close()
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """List keys by their display prefix (the keys themselves are never stored)."""
+    db = _store(config, store)
+    try:
+        rows = db.list_api_keys(tenant)
+    finally:
+        db.close()
+    table = Table("prefix", "tenant", "created", "revoked")
+    for row in rows:
+        table.add_row(row.prefix, row.tenant, str(row.created_at), "yes" if row.revoked else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: str, config: ConfigOpt = None, store: StoreOpt = None) -> None:
+    """Revoke the key with this display prefix."""
+    db = _store(config, store)
+    try:
+        found = db.revoke_api_key(prefix)
+    finally:
+        db.close()
+    if not found:
+        typer.echo(f"no key with prefix {prefix!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {prefix}")
+
+
+@tenants_app.command("set-cap")
+def tenants_set_cap(
+    name: str,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Cap on max_tokens; omit to clear.")
+    ] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Set (or clear) a tenant's `max_tokens` cap."""
+    db = _store(config, store)
+    try:
+        db.ensure_tenant(name)
+        rec = db.set_tenant_cap(name, max_tokens)
+    finally:
+        db.close()
+    typer.echo(f"{rec.name}: max_tokens cap {rec.max_tokens_cap or 'default'}")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the settings' JSON schema (every field is documented)."""
+    typer.echo(json.dumps(Settings.model_json_schema(), indent=2))
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective settings (file + environment) as JSON."""
+    typer.echo(load_settings(config).model_dump_json(indent=2))
+
+
+@app.command("migrate")
+def migrate(config: ConfigOpt = None, store: StoreOpt = None) -> None:
+    """Create or upgrade the store's tables (Alembic)."""
+    _store(config, store).close()
+    typer.echo("store is at the latest migration")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    requests: Annotated[int, typer.Option(help="Requests per measurement.")] = 2000,
+    out: Annotated[Path | None, typer.Option(help="Write results as JSON here.")] = None,
+) -> None:
+    """Gateway-added latency and throughput against a fast fake pool."""
+    from foveal.bench.overhead import run_overhead
+
+    configure_logging("text", "WARNING")
+    run_overhead(requests=requests, out=out, console=console)
+
+
+def main() -> None:
+    app()

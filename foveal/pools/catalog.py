@@ -7,7 +7,7 @@ the Kubernetes watcher later) build a new :class:`Catalog` and swap it in atomic
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from foveal.config import TierSettings
 
@@ -35,6 +35,7 @@ class Catalog:
     """Tiers sorted by visual-token budget, cheapest first."""
 
     tiers: tuple[Tier, ...]
+    _by_name: dict[str, Tier] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.tiers, key=lambda t: (t.visual_tokens, t.name)))
@@ -65,10 +66,10 @@ class Catalog:
         return [t.name for t in self.tiers]
 
     def get(self, name: str) -> Tier | None:
-        return self._by_name.get(name)  # type: ignore[attr-defined, no-any-return]
+        return self._by_name.get(name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._by_name  # type: ignore[attr-defined]
+        return name in self._by_name
 
     def fallback_order(self, name: str) -> list[str]:
         """``name`` first, then the higher tiers nearest first, then the lower ones nearest first."""

@@ -88,7 +88,7 @@ def up(
         grpc={"port": grpc_port},
         auth={"enabled": auth or None},
     )
-    stack = LocalStack(settings)
+    stack = LocalStack(settings, record_requests=False)
 
     async def start() -> None:
         await stack.start(replicas=replicas)

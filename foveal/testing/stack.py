@@ -39,6 +39,7 @@ class LocalStack:
     settings: Settings
     pools: dict[str, list[LocalPool]] = field(default_factory=dict)
     router: RouterApp | None = None
+    record_requests: bool = True  # keep every body a fake pool receives (tests); off for `up`
 
     @property
     def core(self) -> RouterCore:
@@ -67,13 +68,16 @@ class LocalStack:
             local = []
             for _ in range(replicas):
                 pool = FakePool(
-                    model=tier.model, visual_tokens=tier.visual_tokens, script=FakeScript()
+                    model=tier.model,
+                    visual_tokens=tier.visual_tokens,
+                    script=FakeScript(),
+                    record=self.record_requests,
                 )
                 server = ServerThread(pool.app)
                 server.start()
                 local.append(LocalPool(tier.name, pool, server))
             self.pools[tier.name] = local
-            endpoints = [EndpointSettings(url=p.url) for p in local]
+            endpoints = [EndpointSettings(url=p.url, model=None) for p in local]
             tiers.append(tier.model_copy(update={"endpoints": endpoints, "backend": "fake"}))
         self.settings = self.settings.model_copy(update={"tiers": tiers})
         self.router = RouterApp(self.settings)

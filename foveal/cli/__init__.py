@@ -223,6 +223,14 @@ def config_schema() -> None:
     typer.echo(json.dumps(Settings.model_json_schema(), indent=2))
 
 
+@config_app.command("docs")
+def config_docs() -> None:
+    """Print the Markdown settings reference (docs/configuration-reference.md)."""
+    from foveal.config_docs import render_reference
+
+    typer.echo(render_reference(), nl=False)
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None) -> None:
     """Print the effective settings (file + environment) as JSON."""

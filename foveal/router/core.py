@@ -129,6 +129,8 @@ class RouterCore:
         try:
             if not 0.0 <= score <= 1.0:
                 raise InvalidRequest("score must be between 0 and 1", param="score")
+            if len(request_id) > 255:
+                raise InvalidRequest("request_id is too long", param="request_id")
             try:
                 self.tokens.verify(token, request_id, tenant)
             except FovealError:

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from foveal.store import Store
-from foveal.testing.stack import LocalStack, running_stack
 from foveal.testing.images import image_message, png_data_uri
+from foveal.testing.stack import LocalStack, running_stack
 
 
 def _client(stack: LocalStack, key: str = "unused") -> openai.AsyncOpenAI:
@@ -151,7 +151,9 @@ async def test_fallback_when_a_pool_dies_mid_run(stack: LocalStack) -> None:
             await client.chat.completions.create(model="t16", messages=msg)
     assert err.value.status_code == 503
     assert int(err.value.response.headers["retry-after"]) >= 1
-    record = await stack.core.explain(tenant="default", request_id=second.headers["x-foveal-request-id"])
+    record = await stack.core.explain(
+        tenant="default", request_id=second.headers["x-foveal-request-id"]
+    )
     assert record.chosen_tier == "t16" and record.tier == "t64"
 
 
@@ -193,8 +195,13 @@ async def test_metrics_pass_promtool(stack: LocalStack) -> None:
             text = await resp.text()
     assert 'foveal_router_requests_total{edge="http",outcome="ok",tier="t256"}' in text
     assert "foveal_router_decision_duration_seconds_bucket" in text
-    check = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    check = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -206,3 +213,27 @@ async def test_health_and_readiness(stack: LocalStack) -> None:
         async with http.get("/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["available_endpoints"]["t16"] == 1
+
+
+@pytest.mark.postgres
+async def test_request_path_on_postgresql(postgres_url: str) -> None:
+    async with running_stack(store_url=postgres_url) as stack:
+        async with _client(stack) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="auto", messages=[image_message("Read the label")]
+            )
+        rid, token = raw.headers["x-foveal-request-id"], raw.headers["x-foveal-feedback-token"]
+        async with aiohttp.ClientSession(stack.http_url) as http:
+            body = {"request_id": rid, "token": token, "score": 0.25}
+            async with http.post("/v1/feedback", json=body) as resp:
+                assert resp.status == 200
+            async with http.post("/v1/feedback", json=body) as resp:
+                assert resp.status == 409
+        await stack.core.writer.flush()
+    store = Store(postgres_url)
+    try:
+        decision, feedback = store.get_decision(rid), store.get_feedback(rid)
+    finally:
+        store.close()
+    assert decision is not None and decision.tier == "t256" and decision.outcome == "ok"
+    assert feedback is not None and feedback.score == 0.25

@@ -72,7 +72,7 @@ class Catalog:
         return name in self._by_name
 
     def fallback_order(self, name: str) -> list[str]:
-        """``name`` first, then the higher tiers nearest first, then the lower ones nearest first."""
+        """``name`` first, then higher tiers nearest first, then lower tiers nearest first."""
         names = self.names
         i = names.index(name)
         return [names[i], *names[i + 1 :], *reversed(names[:i])]

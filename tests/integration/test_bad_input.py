@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from foveal.store import Store
-from foveal.testing.stack import LocalStack, running_stack
 from foveal.testing.images import image_message, png_data_uri
+from foveal.testing.stack import LocalStack, running_stack
 
 
 def bomb_png(width: int = 8000, height: int = 8000) -> bytes:
@@ -33,18 +33,26 @@ def bomb_png(width: int = 8000, height: int = 8000) -> bytes:
 @pytest.fixture
 async def small_stack() -> AsyncIterator[LocalStack]:
     async with running_stack(
-        limits={"max_body_bytes": 200_000, "max_images": 2, "max_tokens_cap": 100,
-                "max_image_pixels": 4_000_000},
+        limits={
+            "max_body_bytes": 200_000,
+            "max_images": 2,
+            "max_tokens_cap": 100,
+            "max_image_pixels": 4_000_000,
+        },
     ) as s:
         yield s
 
 
-async def _post(stack: LocalStack, body: Any, *, raw: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:
+async def _post(
+    stack: LocalStack, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any]:
     data = raw if raw is not None else json.dumps(body).encode()
     async with aiohttp.ClientSession(stack.http_url) as http:
-        async with http.post("/v1/chat/completions", data=data,
-                             headers={"content-type": "application/json", **(headers or {})}) as r:
+        async with http.post(
+            "/v1/chat/completions",
+            data=data,
+            headers={"content-type": "application/json", **(headers or {})},
+        ) as r:
             return r.status, await r.json(), r.headers
 
 
@@ -57,26 +65,54 @@ CASES: dict[str, tuple[Any, int, str | None]] = {
     "missing messages": ({"model": "auto"}, 400, "missing_field"),
     "unknown part type": (
         {"messages": [{"role": "user", "content": [{"type": "input_audio", "x": 1}]}]},
-        400, "unknown_content_part"),
-    "undecodable image": ({"messages": [image_message("hi", _data_uri(b"not an image at all"))]},
-                          400, "invalid_image"),
-    "truncated png": ({"messages": [image_message("hi", png_data_uri(300, 300)[:200])]},
-                      400, None),
-    "pixel bomb": ({"messages": [image_message("hi", _data_uri(bomb_png()))]},
-                   400, "image_too_large"),
-    "too many images": ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": png_data_uri()}}] * 3}]},
-        400, "too_many_images"),
-    "remote image url": ({"messages": [image_message("hi", "http://127.0.0.1:9/x.png")]},
-                         400, "image_url_not_allowed"),
-    "max_tokens above cap": ({"messages": [{"role": "user", "content": "hi"}],
-                              "max_tokens": 101}, 400, "max_tokens_exceeded"),
-    "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
-                      404, "model_not_found"),
+        400,
+        "unknown_content_part",
+    ),
+    "undecodable image": (
+        {"messages": [image_message("hi", _data_uri(b"not an image at all"))]},
+        400,
+        "invalid_image",
+    ),
+    "truncated png": ({"messages": [image_message("hi", png_data_uri(300, 300)[:200])]}, 400, None),
+    "pixel bomb": (
+        {"messages": [image_message("hi", _data_uri(bomb_png()))]},
+        400,
+        "image_too_large",
+    ),
+    "too many images": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": png_data_uri()}}] * 3,
+                }
+            ]
+        },
+        400,
+        "too_many_images",
+    ),
+    "remote image url": (
+        {"messages": [image_message("hi", "http://127.0.0.1:9/x.png")]},
+        400,
+        "image_url_not_allowed",
+    ),
+    "max_tokens above cap": (
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 101},
+        400,
+        "max_tokens_exceeded",
+    ),
+    "unknown model": (
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "model_not_found",
+    ),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
     "empty messages": ({"messages": []}, 400, None),
-    "body too large": ({"messages": [{"role": "user", "content": "x" * 300_000}]},
-                       413, "body_too_large"),
+    "body too large": (
+        {"messages": [{"role": "user", "content": "x" * 300_000}]},
+        413,
+        "body_too_large",
+    ),
 }
 
 
@@ -99,7 +135,9 @@ async def test_bad_input_is_a_clear_openai_error(small_stack: LocalStack, case: 
 async def test_pixel_bomb_is_refused_from_its_header(small_stack: LocalStack) -> None:
     raw = bomb_png()
     assert len(raw) < 70_000  # a few KiB on the wire, 192 MB if decoded
-    status, payload, _ = await _post(small_stack, {"messages": [image_message("hi", _data_uri(raw))]})
+    status, payload, _ = await _post(
+        small_stack, {"messages": [image_message("hi", _data_uri(raw))]}
+    )
     assert status == 400 and "8000x8000" in payload["error"]["message"].replace(" ", "")
 
 
@@ -125,11 +163,13 @@ async def test_auth_missing_and_invalid_keys_are_401() -> None:
         finally:
             store.close()
         async with aiohttp.ClientSession(stack.http_url) as http:
-            async with http.get(f"/v1/decisions/{rid}",
-                                headers={"authorization": f"Bearer {other}"}) as resp:
+            async with http.get(
+                f"/v1/decisions/{rid}", headers={"authorization": f"Bearer {other}"}
+            ) as resp:
                 assert resp.status == 404
-            async with http.get(f"/v1/decisions/{rid}",
-                                headers={"authorization": f"Bearer {key}"}) as resp:
+            async with http.get(
+                f"/v1/decisions/{rid}", headers={"authorization": f"Bearer {key}"}
+            ) as resp:
                 assert resp.status == 200 and (await resp.json())["tenant"] == "acme"
 
 

@@ -10,7 +10,9 @@ from foveal.router.requests import ChatRequest, ImagePart, Message, TextPart
 CATALOG = Catalog.from_settings(load_settings().tiers)
 
 
-def _req(text: str, *, size: tuple[int, int] | None = (512, 512), model: str = "auto") -> ChatRequest:
+def _req(
+    text: str, *, size: tuple[int, int] | None = (512, 512), model: str = "auto"
+) -> ChatRequest:
     parts: list[TextPart | ImagePart] = [TextPart(text)]
     if size is not None:
         parts.append(ImagePart("data:image/png;base64,", "image/png", size[0], size[1], 10))
@@ -28,8 +30,13 @@ def test_pin_wins_over_rules() -> None:
 
 @pytest.mark.parametrize(
     "prompt",
-    ["Read the sign", "What does the text say?", "OCR this", "In the chart, which bar is tallest?",
-     "what is the invoice total"],
+    [
+        "Read the sign",
+        "What does the text say?",
+        "OCR this",
+        "In the chart, which bar is tallest?",
+        "what is the invoice total",
+    ],
 )
 def test_reading_prompts_go_to_the_top_tier(prompt: str) -> None:
     assert _tier(prompt) == "t256"

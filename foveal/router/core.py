@@ -15,7 +15,7 @@ from typing import Any
 
 from foveal import metrics
 from foveal.config import Settings
-from foveal.errors import FovealError, InvalidRequest, NotFound
+from foveal.errors import FovealError, InvalidRequest, NotFound, PoolError
 from foveal.pools.catalog import CatalogHolder
 from foveal.pools.client import PoolClient, PoolStream
 from foveal.router.auth import Authenticator
@@ -73,32 +73,18 @@ class RouterCore:
         return ["auto", *self.catalog.snapshot.names]
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        decision, tiers = self._decide(req)
-        token = self.tokens.issue(req.request_id, req.tenant)
-        gauge = metrics.REQUESTS_INFLIGHT.labels(decision.tier)
-        gauge.inc()
+        decision, tiers, token, gauge = self._begin(req)
         try:
             result = await self.pools.complete(tiers, _payload(req), deadline=self._deadline(req))
+            body = result.body
+            choice, content = _first_choice(body, result.tier)
         except BaseException as exc:
             self._finish(req, decision, tier=decision.tier, exc=exc)
             raise
         finally:
             gauge.dec()
-        body = result.body
-        try:
-            choice = body["choices"][0]
-            content = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            content, choice = "", {}
         usage = Usage.from_openai(body.get("usage"))
-        self._finish(
-            req,
-            decision,
-            tier=result.tier,
-            pool_s=result.latency_s,
-            usage=usage,
-            attempts=result.attempts,
-        )
+        self._finish(req, decision, tier=result.tier, pool_s=result.latency_s, usage=usage)
         return ChatResult(
             request_id=req.request_id,
             tier=result.tier,
@@ -112,10 +98,7 @@ class RouterCore:
         )
 
     async def chat_stream(self, req: ChatRequest) -> _CoreStream:
-        decision, tiers = self._decide(req)
-        token = self.tokens.issue(req.request_id, req.tenant)
-        gauge = metrics.REQUESTS_INFLIGHT.labels(decision.tier)
-        gauge.inc()
+        decision, tiers, token, gauge = self._begin(req)
         try:
             upstream = await self.pools.stream(tiers, _payload(req), deadline=self._deadline(req))
         except BaseException as exc:
@@ -165,6 +148,13 @@ class RouterCore:
             return pending
         return await asyncio.to_thread(self.store.get_decision, request_id)
 
+    def _begin(self, req: ChatRequest) -> tuple[Decision, list[str], str, Any]:
+        """Decide, count the request in flight on its tier, and sign its feedback token."""
+        decision, tiers = self._decide(req)
+        gauge = metrics.REQUESTS_INFLIGHT.labels(decision.tier)
+        gauge.inc()
+        return decision, tiers, self.tokens.issue(req.request_id, req.tenant), gauge
+
     def _decide(self, req: ChatRequest) -> tuple[Decision, list[str]]:
         t0 = time.perf_counter()
         catalog = self.catalog.snapshot
@@ -188,7 +178,6 @@ class RouterCore:
         tier: str,
         pool_s: float | None = None,
         usage: Usage | None = None,
-        attempts: int = 1,
         exc: BaseException | None = None,
     ) -> None:
         """Count the request and hand its decision record to the writer (never raises)."""
@@ -295,7 +284,6 @@ class _CoreStream:
             tier=self._up.tier,
             pool_s=self._up.pool_seconds,
             usage=self._usage,
-            attempts=self._up.attempts,
             exc=exc,
         )
 
@@ -304,6 +292,14 @@ class _CoreStream:
             await self._up.aclose()
         finally:
             self._close_record(asyncio.CancelledError())
+
+
+def _first_choice(body: dict[str, Any], tier: str) -> tuple[dict[str, Any], str]:
+    try:
+        choice = body["choices"][0]
+        return choice, choice["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise PoolError(f"the {tier} pool answered without a message") from None
 
 
 def _payload(req: ChatRequest) -> dict[str, Any]:

@@ -237,3 +237,24 @@ async def test_request_path_on_postgresql(postgres_url: str) -> None:
         store.close()
     assert decision is not None and decision.tier == "t256" and decision.outcome == "ok"
     assert feedback is not None and feedback.score == 0.25
+
+
+async def test_stream_disconnect_cancels_the_pool_and_is_recorded(stack: LocalStack) -> None:
+    pool = stack.pool("t1").pool
+    pool.script.answer = "one two three four five six"
+    pool.script.chunk_delay_s = 0.3
+    body = {"model": "t1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(stack.http_url) as http:
+        resp = await http.post("/v1/chat/completions", json=body)
+        rid = resp.headers["x-foveal-request-id"]
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        resp.close()  # the client goes away mid-stream
+    for _ in range(60):
+        if pool.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert pool.cancelled == 1
+    record = await stack.core.explain(tenant="default", request_id=rid)
+    assert record.outcome == "cancelled"
+    pool.script.chunk_delay_s = 0.0

@@ -32,6 +32,8 @@ proto: $(STAMP)
 check: $(STAMP)
 	$(PY) -m foveal.api.generate --check
 	$(VENV)/bin/ruff check foveal tests
+	$(VENV)/bin/ruff format --check foveal tests
+	$(VENV)/bin/mypy foveal
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)

@@ -92,7 +92,6 @@ class RouterApp:
             timeout_graceful_shutdown=5,
         )
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._tasks.append(asyncio.create_task(self._server.serve(sockets=[sock])))
         while not self._server.started:
             if self._tasks[0].done():

@@ -107,18 +107,26 @@ def _colour(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image,
     )
 
 
+def _scene_with_distractors(
+    rng: np.random.Generator, size: int, specs: list, shape: str, r: int, n_distract: int
+) -> tuple[Image.Image, list]:
+    """Add ``n_distract`` objects of other shapes, place everything in random order, draw."""
+    specs = specs + [
+        (_pick(rng, _others(SHAPES, shape)), _pick(rng, COLOUR_NAMES), r) for _ in range(n_distract)
+    ]
+    objects = scatter(rng, [specs[i] for i in rng.permutation(len(specs))], size)
+    image = new_canvas(size)
+    draw_objects(image, objects)
+    return image, objects
+
+
 def _existence(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, str, str, dict]:
     shape = _pick(rng, SHAPES)
     present = bool(rng.random() < 0.5)
     r = _radius(size, 0.14, 0.035, d)
     n_distract = 1 + round(lerp(0, 4, d))
     specs = [(shape, _pick(rng, COLOUR_NAMES), r)] if present else []
-    specs += [
-        (_pick(rng, _others(SHAPES, shape)), _pick(rng, COLOUR_NAMES), r) for _ in range(n_distract)
-    ]
-    objects = scatter(rng, [specs[i] for i in rng.permutation(len(specs))], size)
-    image = new_canvas(size)
-    draw_objects(image, objects)
+    image, objects = _scene_with_distractors(rng, size, specs, shape, r, n_distract)
     return (
         image,
         f"Is there a {shape}?",
@@ -138,12 +146,7 @@ def _counting(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Imag
     r = _radius(size, 0.10, 0.035, d)
     n_distract = round(lerp(0, 4, d))
     specs = [(shape, _pick(rng, COLOUR_NAMES), r) for _ in range(count)]
-    specs += [
-        (_pick(rng, _others(SHAPES, shape)), _pick(rng, COLOUR_NAMES), r) for _ in range(n_distract)
-    ]
-    objects = scatter(rng, [specs[i] for i in rng.permutation(len(specs))], size)
-    image = new_canvas(size)
-    draw_objects(image, objects)
+    image, objects = _scene_with_distractors(rng, size, specs, shape, r, n_distract)
     return (
         image,
         f"How many {shape}s are there?",

@@ -109,35 +109,32 @@ class RequestBuilder:
                 f"role {role!r} is not one of system, user, assistant",
                 param=f"messages[{index}].role",
             )
-        out: list[TextPart | ImagePart] = []
-        fetches: list[tuple[int, asyncio.Task[ImagePart]]] = []
-        for j, part in enumerate(parts):
-            if isinstance(part, str):
-                out.append(TextPart(part))
-                continue
-            param = f"messages[{index}].content[{j}].image_url"
-            if part.url is not None and not part.url.startswith("data:"):
-                # Remote fetches of one message run concurrently.
-                task = asyncio.ensure_future(
-                    load_image(part, self._limits, self.fetcher, param=param)
-                )
-                fetches.append((len(out), task))
-                out.append(TextPart(""))  # placeholder, replaced below
-            else:
-                out.append(await load_image(part, self._limits, self.fetcher, param=param))
-        if fetches:
-            try:
-                done = await asyncio.gather(*(t for _, t in fetches))
-            finally:
-                for _, t in fetches:
-                    t.cancel()
-            for (slot, _), image in zip(fetches, done, strict=True):
-                out[slot] = image
+        # Remote fetches of one message run concurrently; data: URIs are validated inline.
+        out: list[TextPart | ImagePart | asyncio.Task[ImagePart]] = []
+        try:
+            for j, part in enumerate(parts):
+                if isinstance(part, str):
+                    out.append(TextPart(part))
+                    continue
+                param = f"messages[{index}].content[{j}].image_url"
+                load = load_image(part, self._limits, self.fetcher, param=param)
+                if part.url is not None and not part.url.startswith("data:"):
+                    out.append(asyncio.ensure_future(load))
+                else:
+                    out.append(await load)
+            await asyncio.gather(*(p for p in out if isinstance(p, asyncio.Task)))
+        finally:  # a failed image ends the other fetches of the message
+            for p in out:
+                if isinstance(p, asyncio.Task):
+                    p.cancel()
         if not out:
             raise InvalidRequest(
                 "message content must not be empty", param=f"messages[{index}].content"
             )
-        return Message(role=role, parts=tuple(out))
+        return Message(
+            role=role,
+            parts=tuple(p.result() if isinstance(p, asyncio.Task) else p for p in out),
+        )
 
 
 def _check_sampling(

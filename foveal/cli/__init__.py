@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,12 +145,17 @@ def router_serve(
     asyncio.run(_serve_until_signal(start, router.stop))
 
 
-def _store(config: Path | None, store: str | None) -> Any:
+@contextmanager
+def _store(config: Path | None, store: str | None) -> Iterator[Any]:
+    """The configured store, migrated, closed on exit."""
     from foveal.store import Store
 
     db = Store(_settings(config, store).store.url)
-    db.migrate()
-    return db
+    try:
+        db.migrate()
+        yield db
+    finally:
+        db.close()
 
 
 @keys_app.command("create")
@@ -158,11 +165,8 @@ def keys_create(
     store: StoreOpt = None,
 ) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
-    db = _store(config, store)
-    try:
+    with _store(config, store) as db:
         key = db.create_api_key(tenant)
-    finally:
-        db.close()
     typer.echo(key)
 
 
@@ -173,11 +177,8 @@ def keys_list(
     store: StoreOpt = None,
 ) -> None:
     """List keys by their display prefix (the keys themselves are never stored)."""
-    db = _store(config, store)
-    try:
+    with _store(config, store) as db:
         rows = db.list_api_keys(tenant)
-    finally:
-        db.close()
     table = Table("prefix", "tenant", "created", "revoked")
     for row in rows:
         table.add_row(row.prefix, row.tenant, str(row.created_at), "yes" if row.revoked else "")
@@ -187,11 +188,8 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(prefix: str, config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """Revoke the key with this display prefix."""
-    db = _store(config, store)
-    try:
+    with _store(config, store) as db:
         found = db.revoke_api_key(prefix)
-    finally:
-        db.close()
     if not found:
         typer.echo(f"no key with prefix {prefix!r}", err=True)
         raise typer.Exit(1)
@@ -208,12 +206,8 @@ def tenants_set_cap(
     store: StoreOpt = None,
 ) -> None:
     """Set (or clear) a tenant's `max_tokens` cap."""
-    db = _store(config, store)
-    try:
-        db.ensure_tenant(name)
-        rec = db.set_tenant_cap(name, max_tokens)
-    finally:
-        db.close()
+    with _store(config, store) as db:
+        rec = db.set_tenant_cap(name, max_tokens)  # creates the tenant if new
     typer.echo(f"{rec.name}: max_tokens cap {rec.max_tokens_cap or 'default'}")
 
 
@@ -240,7 +234,8 @@ def config_show(config: ConfigOpt = None) -> None:
 @app.command("migrate")
 def migrate(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """Create or upgrade the store's tables (Alembic)."""
-    _store(config, store).close()
+    with _store(config, store):
+        pass
     typer.echo("store is at the latest migration")
 
 

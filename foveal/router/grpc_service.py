@@ -160,6 +160,18 @@ def _usage(usage: Usage) -> pb.Usage:
     )
 
 
+_Answer = TypeVar("_Answer", pb.ChatResponse, pb.ChatChunk)
+
+
+def _with_extras(out: _Answer, usage: Usage | None, logprobs: Mapping[str, Any] | None) -> _Answer:
+    """Set the optional `usage` and `logprobs` fields shared by responses and chunks."""
+    if usage is not None:
+        out.usage.CopyFrom(_usage(usage))
+    if logprobs is not None:
+        out.logprobs.CopyFrom(_struct(logprobs))
+    return out
+
+
 def chat_response(result: ChatResult) -> pb.ChatResponse:
     out = pb.ChatResponse(
         request_id=result.request_id,
@@ -170,11 +182,7 @@ def chat_response(result: ChatResult) -> pb.ChatResponse:
         content=result.content,
         finish_reason=result.finish_reason or "",
     )
-    if result.usage is not None:
-        out.usage.CopyFrom(_usage(result.usage))
-    if result.logprobs is not None:
-        out.logprobs.CopyFrom(_struct(result.logprobs))
-    return out
+    return _with_extras(out, result.usage, result.logprobs)
 
 
 def chat_chunk(stream: ChatStream, delta: ChatDelta) -> pb.ChatChunk:
@@ -187,11 +195,7 @@ def chat_chunk(stream: ChatStream, delta: ChatDelta) -> pb.ChatChunk:
         delta=delta.content,
         finish_reason=delta.finish_reason or "",
     )
-    if delta.usage is not None:
-        out.usage.CopyFrom(_usage(delta.usage))
-    if delta.logprobs is not None:
-        out.logprobs.CopyFrom(_struct(delta.logprobs))
-    return out
+    return _with_extras(out, delta.usage, delta.logprobs)
 
 
 def decision_record(record: DecisionRecord) -> pb.DecisionRecord:

@@ -19,6 +19,15 @@ def _client(stack: LocalStack, key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=key, max_retries=0)
 
 
+async def _answered(stack: LocalStack, text: str) -> tuple[str, str]:
+    """Ask one auto-routed image question; its request id and feedback token."""
+    async with _client(stack) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="auto", messages=[image_message(text)]
+        )
+    return raw.headers["x-foveal-request-id"], raw.headers["x-foveal-feedback-token"]
+
+
 async def test_chat_with_image_through_the_openai_client(stack: LocalStack) -> None:
     stack.pool("t256").pool.script.answer = "STOP"
     async with _client(stack) as client:
@@ -70,11 +79,7 @@ async def test_models_lists_auto_and_tiers_and_a_tier_name_pins(stack: LocalStac
 
 
 async def test_feedback_round_trip_and_decision_record(stack: LocalStack) -> None:
-    async with _client(stack) as client:
-        raw = await client.chat.completions.with_raw_response.create(
-            model="auto", messages=[image_message("what colour is it?")]
-        )
-    rid, token = raw.headers["x-foveal-request-id"], raw.headers["x-foveal-feedback-token"]
+    rid, token = await _answered(stack, "what colour is it?")
     async with aiohttp.ClientSession(stack.http_url) as http:
         body = {"request_id": rid, "token": token, "score": 1.0}
         async with http.post("/v1/feedback", json=body) as resp:
@@ -218,11 +223,7 @@ async def test_health_and_readiness(stack: LocalStack) -> None:
 @pytest.mark.postgres
 async def test_request_path_on_postgresql(postgres_url: str) -> None:
     async with running_stack(store_url=postgres_url) as stack:
-        async with _client(stack) as client:
-            raw = await client.chat.completions.with_raw_response.create(
-                model="auto", messages=[image_message("Read the label")]
-            )
-        rid, token = raw.headers["x-foveal-request-id"], raw.headers["x-foveal-feedback-token"]
+        rid, token = await _answered(stack, "Read the label")
         async with aiohttp.ClientSession(stack.http_url) as http:
             body = {"request_id": rid, "token": token, "score": 0.25}
             async with http.post("/v1/feedback", json=body) as resp:

@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 __all__ = [
     "AuthSettings",
+    "CatalogSettings",
     "EndpointSettings",
     "GatewaySettings",
     "GrpcSettings",
@@ -31,6 +32,7 @@ __all__ = [
     "PoolClientSettings",
     "Settings",
     "StoreSettings",
+    "TenantPolicySettings",
     "TierSettings",
     "load_settings",
 ]
@@ -230,6 +232,80 @@ class PolicySettings(_Section):
     )
 
 
+class CatalogSettings(_Section):
+    source: Literal["static", "kubernetes"] = Field(
+        "static",
+        description="Where the router's tiers and tenant policies come from: `static` = the "
+        "`tiers` and `tenant_policy` settings; `kubernetes` = ModelPool and RoutingPolicy "
+        "objects, watched (read-only) and swapped in as they change.",
+    )
+    namespace: str | None = Field(
+        None,
+        description="Namespace of the ModelPools and RoutingPolicies (kubernetes source). "
+        "Default: the pod's own namespace in a cluster, else the kubeconfig context's, "
+        "else `default`.",
+    )
+    kubeconfig: str | None = Field(
+        None,
+        description="Kubeconfig file (kubernetes source). Default: the in-cluster service "
+        "account when running in a pod, else `$KUBECONFIG` or `~/.kube/config`.",
+    )
+    resync_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="Each watch ends after this long and the objects are listed again "
+        "(a full resync that repairs any missed event).",
+    )
+    backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between reconnects after API server errors."
+    )
+    initial_sync_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="How long start-up waits for the first list of both kinds before serving "
+        "anyway (with what it has; the watch keeps retrying).",
+    )
+
+
+class GpuBudgetSettings(_Section):
+    seconds: float = Field(gt=0, description="GPU-seconds a tenant may spend per period.")
+    period: Literal["hour", "day", "month"] = Field(description="The budget's period.")
+
+
+class ExplorationSettings(_Section):
+    algorithm: Literal["none", "linucb", "thompson"] = Field(
+        "none", description="Exploration algorithm of the learned policy."
+    )
+    rate: float = Field(0.0, ge=0, le=1, description="Share of requests that explore.")
+
+
+class TenantPolicySettings(_Section):
+    quality_weight: float = Field(
+        0.0,
+        ge=0,
+        description="λ: weight of cost against quality (the learned policy maximises "
+        "P(correct) - λ·cost). Recorded in every decision.",
+    )
+    quality_floor: float = Field(
+        0.0, ge=0, le=1, description="Lowest acceptable P(correct). Recorded in every decision."
+    )
+    allowed_tiers: list[str] = Field(
+        default_factory=list,
+        description="Tiers the tenant may use (empty: all). Auto-routed requests are moved "
+        "to the nearest allowed tier (upward first); pinning another tier is refused (403).",
+    )
+    gpu_seconds_budget: GpuBudgetSettings | None = Field(
+        None,
+        description="GPU-seconds budget, `{seconds: > 0, period: hour|day|month}` "
+        "(recorded in decisions; not enforced yet).",
+    )
+    exploration: ExplorationSettings | None = Field(
+        None,
+        description="Exploration of the learned policy, `{algorithm: none|linucb|thompson, "
+        "rate: 0..1}` (recorded in decisions).",
+    )
+
+
 def _default_tiers() -> list[TierSettings]:
     return [
         TierSettings(name=n, visual_tokens=k, cost_weight=float(k))
@@ -252,6 +328,12 @@ class Settings(BaseSettings):
     image_urls: ImageUrlSettings = Field(default_factory=ImageUrlSettings)
     pool_client: PoolClientSettings = Field(default_factory=PoolClientSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    tenant_policy: TenantPolicySettings = Field(
+        default_factory=TenantPolicySettings,
+        description="The policy of tenants no RoutingPolicy names (and of every tenant with "
+        "the static catalog source).",
+    )
     tiers: list[TierSettings] = Field(
         default_factory=_default_tiers,
         description="The tiers, each a visual-token budget served by its own pool.",
@@ -266,10 +348,15 @@ class Settings(BaseSettings):
             raise ValueError("at least one tier is required")
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        if self.catalog.source != "static":
+            return self  # the tiers come from ModelPools; the policy skips tiers not there
         for field in ("default_tier", "high_tier", "low_tier"):
             value = getattr(self.policy, field)
             if value is not None and value not in names:
                 raise ValueError(f"policy.{field}={value!r} is not a tier ({names})")
+        unknown = [t for t in self.tenant_policy.allowed_tiers if t not in names]
+        if unknown:
+            raise ValueError(f"tenant_policy.allowed_tiers: {unknown} are not tiers ({names})")
         return self
 
     @classmethod

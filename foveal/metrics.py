@@ -22,6 +22,7 @@ __all__ = [
     "STORE_DECISIONS_PENDING",
     "STORE_DECISIONS_WRITTEN_TOTAL",
     "STORE_WRITE_ERRORS_TOTAL",
+    "TIER_DEMAND_TOTAL",
     "exposition",
 ]
 
@@ -48,6 +49,12 @@ DECISION_SECONDS = Histogram(
     "foveal_router_decision_duration_seconds",
     "Time the policy took to pick a tier.",
     buckets=_FAST,
+)
+TIER_DEMAND_TOTAL = Counter(
+    "foveal_router_tier_demand_total",
+    "Requests whose policy chose this tier, counted before any fallback: the demand the "
+    "operator scales from (a cold tier at zero replicas shows it too).",
+    ["tier"],
 )
 GATEWAY_OVERHEAD_SECONDS = Histogram(
     "foveal_gateway_overhead_seconds",

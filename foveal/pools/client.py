@@ -79,6 +79,7 @@ class PoolClient:
         self._health_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._rr: dict[str, int] = {}
+        self._gauged: set[str] = set()  # tiers with an endpoints-available gauge
         self._latency: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -173,8 +174,16 @@ class PoolClient:
         self._refresh_gauges()
 
     def _refresh_gauges(self) -> None:
+        names = set()
         for tier in self._holder.snapshot.tiers:
             POOL_ENDPOINTS_AVAILABLE.labels(tier.name).set(self.available(tier.name))
+            names.add(tier.name)
+        for gone in self._gauged - names:  # a tier that left a swapped catalog
+            try:
+                POOL_ENDPOINTS_AVAILABLE.remove(gone)
+            except KeyError:
+                pass
+        self._gauged = names
 
     # -- requests --------------------------------------------------------------------------
 
@@ -215,6 +224,7 @@ class PoolClient:
         catalog = self._holder.snapshot
         attempts = 0
         tried: list[str] = []
+        cold: list[str] = []  # tiers with no endpoint at all (no ready replica)
         errors: list[str] = []
         body: bytes = b""
         body_model: str | None = None
@@ -223,6 +233,8 @@ class PoolClient:
             if tier is None:
                 continue
             tried.append(name)
+            if not tier.endpoints:
+                cold.append(name)
             for ep, st in self._order(tier):
                 if not st.healthy or not st.breaker.acquire():
                     continue
@@ -257,6 +269,8 @@ class PoolClient:
         retry = self.retry_after_s(tiers)
         what = ", ".join(tried) if tried else f"none known of {', '.join(tiers) or '(none)'}"
         detail = f"; last error: {errors[-1]}" if errors else "; no endpoint available"
+        if cold:
+            detail += f"; no ready replica in tier {', '.join(cold)} (scaled to zero or starting)"
         raise NoEligiblePool(
             f"no pool endpoint could serve the request (tiers tried: {what}{detail})",
             retry_after_s=retry,

@@ -16,8 +16,10 @@ from foveal.router.auth import Authenticator
 from foveal.router.core import RouterCore
 from foveal.router.feedback_tokens import FeedbackTokens
 from foveal.router.image_urls import ImageFetcher
+from foveal.router.kube_watch import KubeWatcher
 from foveal.router.parsing import RequestBuilder
 from foveal.router.policies import make_policy
+from foveal.router.tenant_policy import TenantPolicies, TenantPolicy, TenantPolicyHolder
 from foveal.store import DecisionWriter, Store
 
 __all__ = ["RouterApp", "build_core", "bind_socket"]
@@ -26,8 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def build_core(settings: Settings, catalog: CatalogHolder | None = None) -> RouterCore:
-    """A core wired from settings; call ``start_core``/``stop_core`` around its use."""
-    catalog = catalog or CatalogHolder(Catalog.from_settings(settings.tiers))
+    """A core wired from settings; call ``start_core``/``stop_core`` around its use.
+
+    With ``catalog.source=kubernetes`` the catalog starts empty: :class:`RouterApp` fills it
+    (and the tenant policies) from the watched ModelPools and RoutingPolicies.
+    """
+    if catalog is None:
+        static = settings.catalog.source == "static"
+        catalog = CatalogHolder(Catalog.from_settings(settings.tiers if static else ()))
+    default_policy = TenantPolicy.from_settings(settings.tenant_policy)
     store = Store(settings.store.url)
     fetcher = ImageFetcher(settings.image_urls) if settings.image_urls.enabled else None
     return RouterCore(
@@ -45,6 +54,7 @@ def build_core(settings: Settings, catalog: CatalogHolder | None = None) -> Rout
         auth=Authenticator(store, settings.auth),
         tokens=FeedbackTokens(settings.auth.feedback_secret, settings.auth.feedback_token_ttl_s),
         builder=RequestBuilder(settings, catalog, fetcher),
+        tenant_policies=TenantPolicyHolder(TenantPolicies(default=default_policy)),
     )
 
 
@@ -70,6 +80,7 @@ class RouterApp:
     grpc_target: str = ""
     _server: uvicorn.Server | None = None
     _grpc: object | None = None
+    _watcher: KubeWatcher | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -79,6 +90,14 @@ class RouterApp:
         self.core = core = build_core(self.settings)
         await asyncio.to_thread(core.store.migrate)
         await core.writer.start()
+        if self.settings.catalog.source == "kubernetes":
+            self._watcher = KubeWatcher(
+                self.settings.catalog,
+                core.catalog,
+                core.tenant_policies,
+                core.tenant_policies.snapshot.default,
+            )
+            await asyncio.to_thread(self._watcher.start)
         await core.pools.start()
         await core.auth.start()
         gw = self.settings.gateway
@@ -106,6 +125,9 @@ class RouterApp:
         log.info("gateway on %s, gRPC router on %s", self.http_url, self.grpc_target)
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
+            self._watcher = None
         if self._server is not None:
             self._server.should_exit = True
         if self._grpc is not None:

@@ -8,6 +8,7 @@ committed before the call returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +16,14 @@ from typing import Any
 
 from foveal import metrics
 from foveal.config import Settings
-from foveal.errors import FovealError, InvalidRequest, NotFound, PoolError
+from foveal.errors import (
+    FovealError,
+    InvalidRequest,
+    NoEligiblePool,
+    NotFound,
+    PermissionDenied,
+    PoolError,
+)
 from foveal.pools.catalog import CatalogHolder
 from foveal.pools.client import PoolClient, PoolStream
 from foveal.router.auth import Authenticator
@@ -24,6 +32,12 @@ from foveal.router.parsing import RawMessage, RequestBuilder
 from foveal.router.policies import Decision, DecisionContext, Policy, Reward
 from foveal.router.requests import ChatRequest, ImagePart
 from foveal.router.results import ChatDelta, ChatResult, Usage
+from foveal.router.tenant_policy import (
+    TenantPolicies,
+    TenantPolicy,
+    TenantPolicyHolder,
+    clamp_tier,
+)
 from foveal.store import DecisionWriter, Store
 from foveal.store.records import DecisionRecord, FeedbackRecord
 
@@ -45,8 +59,12 @@ class RouterCore:
         auth: Authenticator,
         tokens: FeedbackTokens,
         builder: RequestBuilder,
+        tenant_policies: TenantPolicyHolder | None = None,
     ) -> None:
         self.settings = settings
+        self.tenant_policies = tenant_policies or TenantPolicyHolder(
+            TenantPolicies(default=TenantPolicy.from_settings(settings.tenant_policy))
+        )
         self.catalog = catalog
         self.policy = policy
         self.pools = pools
@@ -156,13 +174,56 @@ class RouterCore:
         return decision, tiers, self.tokens.issue(req.request_id, req.tenant), gauge
 
     def _decide(self, req: ChatRequest) -> tuple[Decision, list[str]]:
+        """The policy's choice under the tenant's policy, and the tiers to try in order.
+
+        The tenant's allowed tiers bound both: a pin outside them is refused (403), an
+        auto-routed choice outside them moves to the nearest allowed tier (upward first),
+        and fallback never leaves them.
+        """
         t0 = time.perf_counter()
         catalog = self.catalog.snapshot
-        decision = self.policy.select(DecisionContext(request=req, catalog=catalog))
-        if req.pinned or not self.settings.pool_client.fallback:
-            tiers = [decision.tier]
+        tp = self.tenant_policies.snapshot.lookup(req.tenant)
+        if not catalog.tiers:
+            raise NoEligiblePool(
+                "no tier is available: the catalog is empty (no valid ModelPool yet)",
+                retry_after_s=self.settings.pool_client.breaker_reset_s,
+            )
+        if req.pinned:
+            if req.model not in catalog:  # the tier left the catalog since the request came
+                known = ", ".join(["auto", *catalog.names])
+                raise NotFound(
+                    f"The model `{req.model}` does not exist. Use one of: {known}.",
+                    param="model",
+                    code="model_not_found",
+                )
+            if not tp.allows(req.model):
+                raise PermissionDenied(
+                    f"tier {req.model!r} is not allowed for tenant {req.tenant!r}; allowed "
+                    f"tiers: {', '.join(tp.allowed_tiers)} (or model `auto`)",
+                    param="model",
+                    code="tier_not_allowed",
+                )
+        decision = self.policy.select(
+            DecisionContext(request=req, catalog=catalog, tenant_policy=tp)
+        )
+        tier = clamp_tier(decision.tier, catalog.names, tp)
+        if tier is None:
+            raise NoEligiblePool(
+                f"none of the tiers allowed for tenant {req.tenant!r} "
+                f"({', '.join(tp.allowed_tiers)}) is in the catalog ({', '.join(catalog.names)})",
+                retry_after_s=self.settings.pool_client.breaker_reset_s,
+            )
+        features = {**decision.features, "tenant_policy": tp.summary()}
+        if tier != decision.tier:
+            reason = f"{decision.reason}; {decision.tier} not allowed, nearest allowed {tier}"
+            decision = dataclasses.replace(decision, tier=tier, reason=reason, features=features)
         else:
-            tiers = catalog.fallback_order(decision.tier)
+            decision = dataclasses.replace(decision, features=features)
+        metrics.TIER_DEMAND_TOTAL.labels(tier).inc()  # demand, before any fallback
+        if req.pinned or not self.settings.pool_client.fallback:
+            tiers = [tier]
+        else:
+            tiers = [t for t in catalog.fallback_order(tier) if tp.allows(t)]
         metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
         return decision, tiers
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from foveal.config import PolicySettings
 from foveal.pools.catalog import Catalog
 from foveal.router.requests import ChatRequest
+from foveal.router.tenant_policy import TenantPolicy
 
 __all__ = [
     "POLICIES",
@@ -31,7 +32,8 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class DecisionContext:
     request: ChatRequest
-    catalog: Catalog
+    catalog: Catalog  # never empty: the core answers 503 itself when no tier is known
+    tenant_policy: TenantPolicy | None = None  # λ, floor, budget... (core enforces tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,18 +128,23 @@ class RulePolicy:
         if not images:
             return pick(names[0], "no image")
         text = req.prompt_text.lower()
-        high = self._settings.high_tier or names[-1]
+        s = self._settings  # configured tiers a watched catalog lacks fall back to the defaults
+        high = _known(s.high_tier, names) or names[-1]
         if self._high is not None and (m := self._high.search(text)):
             return pick(high, f"reading keyword {m.group(0)!r}")
-        default = self._settings.default_tier or names[(len(names) - 1) // 2]
+        default = _known(s.default_tier, names) or names[(len(names) - 1) // 2]
         if features["max_pixels"] > self._settings.large_image_pixels:
             i = min(names.index(default) + 1, len(names) - 1)
             return pick(names[i], "large image")
         general = self._low is not None and self._low.search(text) is not None
         if general or features["max_pixels"] <= self._settings.small_image_pixels:
-            low = self._settings.low_tier or names[0]
+            low = _known(s.low_tier, names) or names[0]
             return pick(low, "general question" if general else "small image")
         return pick(default, "default tier")
 
     def update(self, reward: Reward) -> None:
         """Rules do not learn."""
+
+
+def _known(tier: str | None, names: list[str]) -> str | None:
+    return tier if tier in names else None

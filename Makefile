@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-EXTRAS ?= router,pool,dev
+EXTRAS ?= router,pool,operator,ray,dev
 STAMP := $(VENV)/.installed
 
 .PHONY: up test venv proto check lint bench clean

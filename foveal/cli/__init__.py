@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from foveal.cli.logs import configure_logging
+from foveal.cli.operator import operator_app
+from foveal.cli.vlm import vlm_app
 from foveal.config import Settings, load_settings
 
 __all__ = ["app", "main"]
@@ -36,6 +38,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(config_app, name="config")
 app.add_typer(router_app, name="router")
 app.add_typer(bench_app, name="bench")
+app.add_typer(operator_app, name="operator")
+app.add_typer(vlm_app, name="vlm")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL (overrides config).")]
@@ -133,8 +137,9 @@ def router_serve(
     settings = _settings(
         config, store, gateway={"port": port, "host": host}, grpc={"port": grpc_port, "host": host}
     )
+    # With catalog.source=kubernetes the tiers and their endpoints come from the ModelPools.
     missing = [t.name for t in settings.tiers if not t.endpoints]
-    if missing:
+    if missing and settings.catalog.source == "static":
         raise typer.BadParameter(f"tiers without endpoints: {missing} (use `foveal up` locally)")
     router = RouterApp(settings)
 

@@ -27,6 +27,7 @@ from foveal.bench.suite import (
     write_dataset,
     write_splits,
 )
+from foveal.bench.suite.families import glyph_positions
 from foveal.bench.suite.render import BACKGROUND
 
 
@@ -140,7 +141,7 @@ def test_ocr_text_is_rendered_and_size_param_controls_it() -> None:
         bx0, by0, bx1, by1 = s.params["bbox"]
         assert abs(x0 - bx0) <= 2 and abs(y0 - by0) <= 2  # ink where the params say
         assert abs((y1 - y0 + 1) - s.params["text_height"]) <= 3 + s.params["text_height"] // 5
-    assert big.params["text_height"] >= 28 and tiny.params["text_height"] <= 9
+    assert big.params["text_height"] >= 28 and tiny.params["text_height"] <= 13
     assert (_ink_box(big.image)[3] - _ink_box(big.image)[1]) > 3 * (
         _ink_box(tiny.image)[3] - _ink_box(tiny.image)[1]
     )
@@ -237,3 +238,32 @@ def test_splits_are_disjoint(tmp_path: Path) -> None:
             assert not hashes[a] & hashes[b]
     again = write_splits(tmp_path / "again", n_train=210, n_val=70, n_test=70, seed=0, embed=True)
     assert again["test"].read_bytes() == paths["test"].read_bytes()
+
+
+@pytest.mark.parametrize("family", ["ocr", "document"])
+def test_glyph_positions_land_on_ink(family: str) -> None:
+    for seed in range(4):
+        s = generate(family, np.random.default_rng(seed), difficulty=seed / 3)
+        grey = np.asarray(s.image.convert("L"), dtype=float)
+        glyphs = glyph_positions(s)
+        text = (
+            s.answer
+            if family == "ocr"
+            else "".join(s.params["fields"]) + "".join(s.params["fields"].values())
+        )
+        assert len(glyphs) >= len(s.answer)
+        assert {ch for ch, _, _ in glyphs} >= set(s.answer) and set(text) - {" "} >= {
+            ch for ch, _, _ in glyphs if ch != ":"
+        }
+        h = s.params["text_height"]
+        inked = [
+            (
+                grey[int(y - h / 2) : int(y + h / 2) + 1, int(x - h / 4) : int(x + h / 4) + 1] < 100
+            ).any()
+            for ch, x, y in glyphs
+        ]
+        assert all(inked), (s.id, glyphs)
+
+
+def test_glyph_positions_are_empty_without_text() -> None:
+    assert glyph_positions(generate("colour", np.random.default_rng(0))) == []

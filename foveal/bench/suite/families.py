@@ -23,6 +23,7 @@ from foveal.bench.suite.render import (
     draw_objects,
     draw_text,
     fit_cap_height,
+    glyph_centres,
     lerp,
     new_canvas,
     scatter,
@@ -213,7 +214,7 @@ def _position(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Imag
 
 def _ocr(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, str, str, dict]:
     text = "".join(_pick(rng, OCR_ALPHABET) for _ in range(int(rng.integers(3, 5))))
-    wanted = max(4, round(lerp(40, 8, d) * size / 128))
+    wanted = max(4, round(lerp(40, 12, d) * size / 128))
     cap = fit_cap_height([text], wanted, size - 8)
     left, top, right, bottom = text_extent(text, cap)
     w, h = right - left, bottom - top
@@ -239,21 +240,49 @@ def _doc_value(rng: np.random.Generator, name: str) -> str:
     return chars(_LETTERS, 1) + chars(_LETTERS + _DIGITS, int(rng.integers(2, 5)))  # ID, REF
 
 
+_DOC_X = 5
+
+
+def _doc_layout(size: int, n_lines: int) -> tuple[int, float]:
+    """(top of the first line, distance between lines) of a document page."""
+    top = round(size * 0.12)
+    return top, (size - top - 4) / n_lines
+
+
+def glyph_positions(sample: Sample) -> list[tuple[str, float, float]]:
+    """(character, centre x, centre y) in pixels of every glyph a reading sample draws.
+
+    Recomputed from the sample's params with the generator's own layout, so it matches the
+    pixels; empty for families without text. The reference VLM uses it as an auxiliary
+    training signal (which character sits under which visual token).
+    """
+    p = sample.params
+    if sample.family == "ocr":
+        x0, y0, _, y1 = p["bbox"]
+        return glyph_centres(sample.answer, x0, y0, p["text_height"])
+    if sample.family == "document":
+        top, gap = _doc_layout(p["size"], p["lines"])
+        out: list[tuple[str, float, float]] = []
+        for i, (name, value) in enumerate(p["fields"].items()):
+            out += glyph_centres(f"{name}: {value}", _DOC_X, round(top + i * gap), p["text_height"])
+        return out
+    return []
+
+
 def _document(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, str, str, dict]:
-    n_lines = round(lerp(3, 8, d))
+    n_lines = round(lerp(2, 5, d))
     names = [DOC_FIELDS[i] for i in rng.choice(len(DOC_FIELDS), size=n_lines, replace=False)]
     values = [_doc_value(rng, n) for n in names]
     lines = [f"{n}: {v}" for n, v in zip(names, values, strict=True)]
-    top = round(size * 0.12)
-    line_gap = (size - top - 4) / n_lines
-    wanted = max(4, round(min(lerp(10, 5, d) * size / 128, line_gap * 0.6)))
+    top, line_gap = _doc_layout(size, n_lines)
+    wanted = max(4, round(min(lerp(12, 8, d) * size / 128, line_gap * 0.6)))
     cap = fit_cap_height(lines, wanted, size - 10)
     image = new_canvas(size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, size - 1, top - 3), fill=(200, 205, 215))  # header band
     draw.rectangle((0, 0, size - 1, size - 1), outline=(170, 170, 170))
     for i, line in enumerate(lines):
-        draw_text(image, line, 5, round(top + i * line_gap), cap, INK)
+        draw_text(image, line, _DOC_X, round(top + i * line_gap), cap, INK)
     asked = int(rng.integers(n_lines))
     return (
         image,

@@ -160,6 +160,20 @@ def draw_text(
     return x, y, x + right - left, y + bottom - top
 
 
+def glyph_centres(text: str, x: int, y: int, cap_px: int) -> list[tuple[str, float, float]]:
+    """(character, centre x, centre y) of each non-space glyph of `draw_text(..., text, x, y)`."""
+    font, _ = font_for_cap_height(cap_px)
+    left, top, _, bottom = text_extent(text, cap_px)
+    cy = y + (bottom - top) / 2
+    out = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            continue
+        a, b = font.getlength(text[:i]), font.getlength(text[: i + 1])
+        out.append((ch, x - left + (a + b) / 2, cy))
+    return out
+
+
 def fit_cap_height(texts: Sequence[str], cap_px: int, max_width: int) -> int:
     """The largest cap height <= cap_px at which every text fits within max_width pixels."""
     while cap_px > 3:

@@ -1,0 +1,325 @@
+"""The reference VLM: a tiny vision encoder, a visual-token tier mechanism and a small decoder.
+
+```
+image (128x128) ─► [resolution: downscale to 8*sqrt(k) px] ─► conv stem (stride 8) + 2D positions
+                ─► [CLS] + vision transformer ─► patch tokens (k, or 256 then compressed to k)
+                ─► projector + tier embedding ─► decoder LM over [visual | question SEP answer EOS]
+```
+
+One set of weights serves every tier and mechanism: training draws a token budget (and a
+mechanism) per batch, Matryoshka-style, and a tier embedding tells the decoder how coarse its
+visual tokens are. The decoder attends to all visual tokens and causally to the text; it
+generates the answer greedily with a KV cache and reports per-token log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from foveal.pools.reference.compress import MECHANISMS, check_budget, compress, square_side
+from foveal.pools.reference.tokenizer import EOS, PAD, SEP, Tokenizer
+
+#: Glyph classes of the auxiliary reading head (class 0 = no glyph centre under the token).
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:"
+_MEAN = (0.5, 0.5, 0.5)
+_STD = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    image_size: int = 128
+    patch: int = 8
+    d_model: int = 128
+    n_heads: int = 4
+    vision_layers: int = 2
+    lm_layers: int = 4
+    mlp_ratio: int = 4
+    max_text: int = 64
+    vocab_size: int = 0  # set from the tokenizer
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def max_tokens(self) -> int:
+        return self.grid * self.grid
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with an optional KV cache and [CLS]-attention scores."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        past: tuple[Tensor, Tensor] | None = None,
+        cls_scores: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+        b, n, d = x.shape
+        h = self.heads
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        scores = None
+        if cls_scores:  # attention of query 0 ([CLS]) over the other keys, averaged over heads
+            att = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(d // h)
+            scores = att.softmax(-1).mean(1)[:, 0, 1:]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, d))
+        x = x + self.mlp(self.ln2(x))
+        return x, (k, v), scores
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_tokens: int  # visual + text tokens of the prompt
+
+
+class ReferenceVLM(nn.Module):
+    def __init__(self, config: VLMConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer or Tokenizer()
+        if config.vocab_size == 0:
+            config = VLMConfig(**{**config.to_dict(), "vocab_size": self.tokenizer.vocab_size})
+        self.config = c = config
+        d = c.d_model
+        if c.patch != 8:
+            raise ValueError("the conv stem has stride 8")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 2, 1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.GELU(),
+            nn.Conv2d(64, d, 3, 2, 1),
+        )
+        self.pos = nn.Parameter(torch.randn(1, d, c.grid, c.grid) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.vision = nn.ModuleList(
+            Block(d, c.n_heads, c.mlp_ratio) for _ in range(c.vision_layers)
+        )
+        self.vision_ln = nn.LayerNorm(d)
+        self.project = nn.Linear(d, d)
+        # Auxiliary training head: which glyph (if any) is centred under each patch token. Dense
+        # supervision that teaches the encoder to see characters long before the decoder has
+        # learnt where to look for them (reading otherwise sits on a loss plateau for hours).
+        self.glyph_head = nn.Linear(d, len(GLYPHS) + 1)
+        self.levels = square_side(c.max_tokens).bit_length()  # tiers 1, 4, 16, ... max_tokens
+        self.tier_emb = nn.Embedding(len(MECHANISMS) * self.levels, d)
+        self.tok_emb = nn.Embedding(c.vocab_size, d)
+        self.text_pos = nn.Embedding(c.max_text, d)
+        self.lm = nn.ModuleList(Block(d, c.n_heads, c.mlp_ratio) for _ in range(c.lm_layers))
+        self.lm_ln = nn.LayerNorm(d)
+        self.mean: Tensor
+        self.std: Tensor
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # -- vision -------------------------------------------------------------------------------
+
+    def encode(self, images: Tensor, cls_scores: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Patch tokens (B, g*g, D) of images (B, 3, 8g, 8g) in [0, 1], and [CLS] scores."""
+        x = self.stem((images - self.mean) / self.std)
+        g = x.shape[-1]
+        pos = self.pos if g == self.config.grid else F.adaptive_avg_pool2d(self.pos, g)
+        x = (x + pos).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        scores = None
+        for i, blk in enumerate(self.vision):
+            last = i == len(self.vision) - 1
+            x, _, s = blk(x, cls_scores=cls_scores and last)
+            scores = s if s is not None else scores
+        return self.vision_ln(x[:, 1:]), scores
+
+    def tier_index(self, k: int, mechanism: str) -> int:
+        level = min(self.levels - 1, round(math.log(k, 4))) if k > 1 else 0
+        return MECHANISMS.index(mechanism) * self.levels + level
+
+    def visual_tokens(
+        self, images: Tensor, k: int, mechanism: str = "resolution"
+    ) -> tuple[Tensor, Tensor]:
+        """(k visual tokens (B, k, D), the encoder's patch grid tokens) for full-size images."""
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {mechanism!r}; expected one of {MECHANISMS}")
+        check_budget(k, self.config.max_tokens)
+        if mechanism == "resolution":
+            side = square_side(k) * self.config.patch
+            if side != images.shape[-1]:
+                images = F.interpolate(images, size=(side, side), mode="area")
+            grid, _ = self.encode(images)
+            tokens = grid
+        else:
+            grid, scores = self.encode(images, cls_scores=mechanism != "pool")
+            tokens = compress(grid, scores if scores is not None else grid[..., 0], k, mechanism)
+        tier = torch.full((1, 1), self.tier_index(k, mechanism), device=images.device)
+        return self.project(tokens) + self.tier_emb(tier), grid
+
+    # -- decoder ------------------------------------------------------------------------------
+
+    def _decode(
+        self,
+        vis: Tensor,
+        text: Tensor,
+        valid: Tensor,
+        pos: Tensor,
+        past: list[tuple[Tensor, Tensor]] | None = None,
+        key_valid: Tensor | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Hidden states of `text` positions; `vis` is empty when a cache is given."""
+        x = self.tok_emb(text) + self.text_pos(pos.clamp(max=self.config.max_text - 1))
+        x = torch.cat([vis, x], dim=1) if past is None else x
+        b, n = x.shape[:2]
+        if past is None:
+            k = vis.shape[1]
+            key_valid = torch.cat([torch.ones(b, k, dtype=torch.bool, device=x.device), valid], 1)
+            i = torch.arange(n, device=x.device)
+            allowed = (i[None, :] <= i[:, None]) | (i[None, :] < k)
+            mask = allowed[None] & key_valid[:, None, :]
+        else:
+            assert key_valid is not None
+            mask = key_valid[:, None, :].expand(b, n, -1)
+        cache = []
+        for j, blk in enumerate(self.lm):
+            x, kv, _ = blk(x, mask[:, None], None if past is None else past[j])
+            cache.append(kv)
+        h = self.lm_ln(x)
+        return (h if past is not None else h[:, vis.shape[1] :]), cache
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.tok_emb.weight.t()
+
+    def loss(
+        self,
+        images: Tensor,
+        text: Tensor,
+        valid: Tensor,
+        targets: Tensor,
+        k: int,
+        mechanism: str,
+        glyphs: Tensor | None = None,
+        glyph_weight: float = 0.5,
+    ) -> Tensor:
+        """Answer cross-entropy of `targets` (-100 = ignored) given left-padded `text` (B, T).
+
+        `glyphs` (B, g, g) are optional glyph-class targets on the encoder's token grid
+        (-100 = ignored); their cross-entropy is added with `glyph_weight`.
+        """
+        vis, grid = self.visual_tokens(images, k, mechanism)
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        hidden, _ = self._decode(vis, text, valid, pos)
+        logits = self.logits(hidden).flatten(0, 1)
+        loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+        if glyphs is not None and bool((glyphs >= 0).any()):
+            weight = torch.ones(len(GLYPHS) + 1, device=grid.device)
+            weight[0] = 0.1  # most tokens hold no glyph centre
+            g_logits = self.glyph_head(grid).flatten(0, 1)
+            aux = F.cross_entropy(g_logits, glyphs.flatten(), weight=weight, ignore_index=-100)
+            loss = loss + glyph_weight * aux
+        return loss
+
+    def encode_prompts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids `question SEP` (B, T) and their validity mask."""
+        seqs = [self.tokenizer.encode(q)[: self.config.max_text - 16] + [SEP] for q in questions]
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), PAD, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, t - len(s) :] = torch.tensor(s)
+        return ids, ids != PAD
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Tensor,
+        questions: list[str],
+        k: int,
+        mechanism: str = "resolution",
+        max_new_tokens: int = 16,
+    ) -> list[Generation]:
+        """Greedy answers for a batch of full-size images (B, 3, S, S) in [0, 1]."""
+        ids, valid = self.encode_prompts(questions)
+        ids, valid = ids.to(images.device), valid.to(images.device)
+        vis, _ = self.visual_tokens(images, k, mechanism)
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        hidden, cache = self._decode(vis, ids, valid, pos)
+        b = len(questions)
+        key_valid = torch.cat([torch.ones(b, k, dtype=torch.bool, device=ids.device), valid], 1)
+        next_pos = pos[:, -1] + 1
+        out: list[list[int]] = [[] for _ in range(b)]
+        lps: list[list[float]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        last = hidden[:, -1:]
+        for _ in range(max_new_tokens):
+            logp = self.logits(last[:, -1]).float().log_softmax(-1)
+            tok = logp.argmax(-1)
+            for r in range(b):
+                if not done[r]:
+                    out[r].append(int(tok[r]))
+                    lps[r].append(float(logp[r, tok[r]]))
+            done |= tok == EOS
+            if bool(done.all()):
+                break
+            key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool)], 1)
+            last, cache = self._decode(
+                vis[:, :0], tok[:, None], valid[:, :1], next_pos[:, None], cache, key_valid
+            )
+            next_pos = next_pos + 1
+        prompt = [k + int(v.sum()) for v in valid]
+        return [
+            Generation(self.tokenizer.decode(o), [t for t in o if t != EOS], lp, p)
+            for o, lp, p in zip(out, lps, prompt, strict=True)
+        ]
+
+    # -- cost ---------------------------------------------------------------------------------
+
+    def prefill_flops(self, k: int, mechanism: str = "resolution", text_tokens: int = 12) -> int:
+        """Multiply-add FLOPs (x2) of one prefill: stem + vision encoder + decoder prompt."""
+        c, d = self.config, self.config.d_model
+        n_img = k if mechanism == "resolution" else c.max_tokens
+        side = square_side(n_img) * c.patch if mechanism == "resolution" else c.image_size
+        stem = 0
+        for conv in (m for m in self.stem if isinstance(m, nn.Conv2d)):
+            side = (side + 1) // 2
+            stem += side * side * conv.in_channels * conv.out_channels * 9
+        per_tok = 4 * d * d + 2 * c.mlp_ratio * d * d  # qkv+proj, mlp
+
+        def layers(n: int, count: int) -> int:
+            return count * (n * per_tok + 2 * n * n * d)
+
+        seq = k + text_tokens
+        vision = layers(n_img + 1, c.vision_layers)
+        return 2 * (stem + vision + k * d * d + layers(seq, c.lm_layers))
+
+
+def build_model(config: VLMConfig | None = None) -> ReferenceVLM:
+    return ReferenceVLM(config or VLMConfig())

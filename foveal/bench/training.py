@@ -141,7 +141,7 @@ def train_step(model: ReferenceVLM, opt: torch.optim.Optimizer, batch: Batch, lr
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def make_optimizer(model: ReferenceVLM, cfg: TrainConfig) -> torch.optim.AdamW:

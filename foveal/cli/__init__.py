@@ -256,5 +256,57 @@ def bench_overhead(
     run_overhead(requests=requests, out=out, console=console)
 
 
+@bench_app.command("tiers")
+def bench_tiers(
+    out: Annotated[Path, typer.Option(help="Folder for tiers.json and tiers.png.")] = Path(
+        "bench-out"
+    ),
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Dataset in the suite's JSONL format (file or folder with test.jsonl)."),
+    ] = None,
+    per_family: Annotated[
+        int, typer.Option(min=1, help="Test-split samples per family (without --dataset).")
+    ] = 100,
+    requests: Annotated[
+        int, typer.Option(min=0, help="Requests per speed measurement (0: skip the speed runs).")
+    ] = 100,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Reference-VLM checkpoint (default: the shipped one).")
+    ] = None,
+) -> None:
+    """Accuracy per family x tier x mechanism, ms/request, req/s and FLOPs per tier."""
+    from foveal.bench.tiers import run_tiers
+
+    configure_logging("text", "WARNING")
+    run_tiers(
+        out,
+        dataset=dataset,
+        per_family=per_family,
+        requests=requests,
+        checkpoint=checkpoint,
+        console=console,
+    )
+
+
+@bench_app.command("suite")
+def bench_suite(
+    out: Annotated[Path, typer.Option(help="Folder to write train/validation/test JSONL into.")],
+    train: Annotated[int, typer.Option(min=0, help="Training samples.")] = 7000,
+    validation: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 700,
+    test: Annotated[int, typer.Option(min=0, help="Test samples.")] = 700,
+    seed: Annotated[int, typer.Option(help="Offset added to every split's seed.")] = 0,
+    embed: Annotated[
+        bool, typer.Option(help="Embed images as data URIs instead of PNG files.")
+    ] = False,
+) -> None:
+    """Write the visual-QA suite's splits in the dataset format (docs/dataset-format.md)."""
+    from foveal.bench.suite import write_splits
+
+    paths = write_splits(out, n_train=train, n_val=validation, n_test=test, seed=seed, embed=embed)
+    for split, path in paths.items():
+        console.print(f"{split}: {path}")
+
+
 def main() -> None:
     app()

@@ -1,0 +1,221 @@
+"""The reference VLM: tokenizer, compressors, tiers, decoding, training step, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from foveal.bench.suite import generate
+from foveal.bench.training import TrainConfig, batches, make_optimizer, schedule, train_step
+from foveal.pools.reference.checkpoint import SHIPPED, load_checkpoint, save_checkpoint
+from foveal.pools.reference.compress import (
+    cls_topk_indices,
+    compress,
+    grid_pool,
+    kcenter_indices,
+)
+from foveal.pools.reference.data import glyph_targets, image_tensor, text_batch
+from foveal.pools.reference.model import GLYPHS, VLMConfig, build_model
+from foveal.pools.reference.tokenizer import EOS, Tokenizer
+
+SMALL = VLMConfig(d_model=32, n_heads=2, vision_layers=1, lm_layers=1, mlp_ratio=2)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(SMALL).eval()
+
+
+def _images(n: int, family: str = "ocr") -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return image_tensor([generate(family, rng).image for _ in range(n)], 128)
+
+
+@pytest.mark.parametrize(
+    "text", ["What word is written?", "K7XQ", "bottom center", "héllo wörld ✓", "", "ID: 12MAR"]
+)
+def test_tokenizer_round_trips_any_text(text: str) -> None:
+    tok = Tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_uses_words_for_questions_and_bytes_for_codes() -> None:
+    tok = Tokenizer()
+    assert len(tok.encode("What is the dominant colour of the image?")) <= 16
+    assert len(tok.encode("K7XQ")) == 4  # one token per character: reading spells it out
+    assert tok.decode([*tok.encode("yes"), EOS, *tok.encode("no")]) == "yes"
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 64])
+def test_grid_pool_keeps_the_budget_and_averages(k: int) -> None:
+    tokens = torch.randn(2, 256, 8)
+    out = grid_pool(tokens, k)
+    assert out.shape == (2, k, 8)
+    assert torch.allclose(out.mean(1), tokens.mean(1), atol=1e-5)  # equal-size cells
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 100])
+def test_cls_topk_keeps_the_most_attended_in_spatial_order(k: int) -> None:
+    scores = torch.rand(3, 256)
+    idx = cls_topk_indices(scores, k)
+    assert idx.shape == (3, k)
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # spatial (row-major) order kept
+    for row in range(3):
+        kept = scores[row, idx[row]]
+        dropped = scores[row].clone()
+        dropped[idx[row]] = -1
+        assert float(kept.min()) >= float(dropped.max())
+    assert torch.equal(idx, cls_topk_indices(scores.clone(), k))  # deterministic
+
+
+def test_cls_topk_breaks_ties_deterministically() -> None:
+    assert cls_topk_indices(torch.zeros(1, 16), 3).tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 64])
+def test_kcenter_selects_distinct_diverse_tokens_in_order(k: int) -> None:
+    torch.manual_seed(1)
+    tokens = torch.randn(2, 256, 16)
+    idx = kcenter_indices(tokens, k, torch.tensor([3, 200]))
+    assert idx.shape == (2, k)
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # distinct and in spatial order
+    assert 3 in idx[0].tolist() and 200 in idx[1].tolist()  # seeded by the first pick
+    assert torch.equal(idx, kcenter_indices(tokens, k, torch.tensor([3, 200])))
+
+
+def test_kcenter_covers_clusters_that_topk_would_miss() -> None:
+    # 4 tight clusters of 64 tokens each: k-center takes one from each before any repeat
+    centres = torch.eye(4, 8) * 10
+    tokens = centres.repeat_interleave(64, 0)[None] + 0.01 * torch.randn(1, 256, 8)
+    idx = kcenter_indices(tokens, 4, torch.tensor([0]))
+    assert sorted({i // 64 for i in idx[0].tolist()}) == [0, 1, 2, 3]
+
+
+def test_compress_rejects_bad_budgets_and_mechanisms() -> None:
+    tokens, scores = torch.randn(1, 256, 8), torch.rand(1, 256)
+    with pytest.raises(ValueError, match="square"):
+        compress(tokens, scores, 5, "pool")
+    with pytest.raises(ValueError, match="between 1 and 256"):
+        compress(tokens, scores, 300, "cls-topk")
+    with pytest.raises(ValueError, match="unknown compression"):
+        compress(tokens, scores, 4, "magic")
+
+
+@pytest.mark.parametrize("mechanism", ["resolution", "pool", "cls-topk", "kcenter"])
+@pytest.mark.parametrize("k", [1, 16, 256])
+def test_every_tier_and_mechanism_emits_k_visual_tokens(model, mechanism: str, k: int) -> None:
+    vis, grid = model.visual_tokens(_images(2), k, mechanism)
+    assert vis.shape == (2, k, SMALL.d_model)
+    expected_grid = k if mechanism == "resolution" else 256
+    assert grid.shape == (2, expected_grid, SMALL.d_model)
+
+
+def test_resolution_tiers_cost_less_and_flops_grow_with_k(model) -> None:
+    flops = [model.prefill_flops(k) for k in (1, 4, 16, 64, 256)]
+    assert flops == sorted(flops) and flops[-1] > 10 * flops[0]
+    # compression after the full encoder saves decoder work only
+    assert model.prefill_flops(16, "pool") > model.prefill_flops(16, "resolution")
+    assert model.prefill_flops(16, "pool") < model.prefill_flops(256, "resolution")
+
+
+def test_generate_reports_prompt_tokens_and_logprobs(model) -> None:
+    q = ["What word is written?", "Is there a circle?"]
+    out4 = model.generate(_images(2), q, 4, max_new_tokens=5)
+    out16 = model.generate(_images(2), q, 16, max_new_tokens=5)
+    for a, b in zip(out4, out16, strict=True):
+        assert b.prompt_tokens - a.prompt_tokens == 12  # visual tokens count in the prompt
+        assert 1 <= len(a.logprobs) <= 5 and all(lp <= 0 for lp in a.logprobs)
+        assert len(a.token_ids) <= len(a.logprobs)
+
+
+def test_cached_decoding_matches_a_full_recompute(model) -> None:
+    images, q = _images(3), ["What word is written?", "How many circles are there?", "Hi"]
+    gens = model.generate(images, q, 16, max_new_tokens=6)
+    ids, valid = model.encode_prompts(q)
+    with torch.no_grad():
+        vis, _ = model.visual_tokens(images, 16, "resolution")
+        for r, g in enumerate(gens):
+            seq, ok = ids[r : r + 1], valid[r : r + 1]
+            for tok in g.token_ids[:3]:
+                pos = (ok.long().cumsum(1) - 1).clamp(min=0)
+                hidden, _ = model._decode(vis[r : r + 1], seq, ok, pos)
+                assert int(model.logits(hidden[:, -1]).argmax()) == tok
+                seq = torch.cat([seq, torch.tensor([[tok]])], 1)
+                ok = torch.cat([ok, torch.tensor([[True]])], 1)
+
+
+def test_batched_generation_matches_one_by_one(model) -> None:
+    images, q = _images(3), ["What word is written?", "Is there a red square?", "Which bar?"]
+    together = model.generate(images, q, 16, max_new_tokens=4)
+    alone = [model.generate(images[i : i + 1], [q[i]], 16, max_new_tokens=4)[0] for i in range(3)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+def test_text_batch_targets_only_the_answer() -> None:
+    tok = Tokenizer()
+    text, valid, targets = text_batch(tok, ["What word is written?", "Hi"], ["AB", "yes"], 64)
+    for r, answer in enumerate(["AB", "yes"]):
+        want = [*tok.encode(answer), EOS]
+        assert [t for t in targets[r].tolist() if t != -100] == want
+        assert int(valid[r].sum()) == len(tok.encode(["What word is written?", "Hi"][r])) + 1 + len(
+            want
+        )
+
+
+def test_glyph_targets_mark_glyph_centres_on_the_grid() -> None:
+    t = glyph_targets([[("A", 4.0, 4.0), ("7", 127.0, 64.0)], None], 16, 128, GLYPHS)
+    assert int(t[0, 0, 0]) == GLYPHS.index("A") + 1
+    assert int(t[0, 8, 15]) == GLYPHS.index("7") + 1
+    assert int((t[0] > 0).sum()) == 2 and bool((t[1] == -100).all())
+
+
+def test_schedule_is_deterministic_and_covers_every_tier() -> None:
+    cfg = TrainConfig(steps=400, batch_size=2)
+    assert [schedule(cfg, s) for s in range(400)] == [schedule(cfg, s) for s in range(400)]
+    main = {schedule(cfg, s)[0] for s in range(int(cfg.warmup_frac * 400), 400)}
+    assert main == {1, 4, 16, 64, 256}
+    a, b = next(batches(cfg, 5)), next(batches(cfg, 5))
+    assert [s.answer for s in a.samples] == [s.answer for s in b.samples]
+
+
+def test_training_steps_reduce_the_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    m = build_model(SMALL)
+    cfg = TrainConfig(steps=10, batch_size=8, lr=3e-3)
+    opt = make_optimizer(m, cfg)
+    batch = next(batches(cfg, 0))
+    first = train_step(m, opt, batch, cfg.lr)
+    for _ in range(25):
+        last = train_step(m, opt, batch, cfg.lr)
+    assert np.isfinite(first) and last < 0.7 * first
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_checkpoint_round_trip_gives_identical_answers(model, tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    save_checkpoint(model, path, note="test")
+    loaded = load_checkpoint(path)
+    images, q = _images(2), ["What word is written?"] * 2
+    want = [
+        g.token_ids
+        for g in copy.deepcopy(model).half().float().generate(images, q, 16, max_new_tokens=4)
+    ]
+    assert [g.token_ids for g in loaded.generate(images, q, 16, max_new_tokens=4)] == want
+
+
+def test_missing_checkpoint_names_the_training_command(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="foveal vlm train"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped checkpoint is trained separately")
+def test_shipped_checkpoint_is_small_and_loads_offline() -> None:
+    assert SHIPPED.stat().st_size <= 20 * 1024 * 1024
+    m = load_checkpoint()
+    g = m.generate(_images(1, "colour"), ["What is the dominant colour of the image?"], 1)
+    assert g[0].text  # answers something

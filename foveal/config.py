@@ -28,6 +28,7 @@ __all__ = [
     "GrpcSettings",
     "ImageUrlSettings",
     "LimitsSettings",
+    "LocalPoolSettings",
     "PolicySettings",
     "PoolClientSettings",
     "Settings",
@@ -138,7 +139,10 @@ class TierSettings(_Section):
     visual_tokens: int = Field(gt=0, description="Visual-token budget per image.")
     cost_weight: float = Field(1.0, gt=0, description="Relative cost of one request on this tier.")
     backend: Literal["reference", "vllm", "fake"] = Field(
-        "fake", description="What serves the tier: the reference VLM, vLLM, or the test fake."
+        "reference",
+        description="What serves the tier: the reference VLM, vLLM, or the test fake. "
+        "`foveal up` starts a local pool of this backend for each tier without endpoints "
+        "(reference or fake; vllm tiers need endpoints).",
     )
     model: str = Field("foveal-ref", description="Model name the pool serves.")
     endpoints: list[EndpointSettings] = Field(
@@ -151,6 +155,36 @@ class TierSettings(_Section):
         if not v or v == "auto" or not v.replace("-", "").replace("_", "").isalnum():
             raise ValueError("tier names are alphanumeric (with - or _) and not 'auto'")
         return v
+
+
+class LocalPoolSettings(_Section):
+    """The reference-VLM pools `foveal up` starts in its own process, one per tier."""
+
+    checkpoint: str | None = Field(
+        None,
+        description="Reference-VLM checkpoint the local pools load (once, shared by every "
+        "tier). Default: the checkpoint shipped in the package.",
+    )
+    mechanism: Literal["resolution", "pool", "cls-topk", "kcenter"] = Field(
+        "resolution", description="How each tier gets its visual tokens."
+    )
+    max_batch: int = Field(4, ge=1, description="Requests per forward pass, per tier.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long a batch waits for more requests (ms)."
+    )
+    max_queue: int = Field(
+        32, ge=1, description="Waiting requests per tier beyond which new ones get HTTP 429."
+    )
+    max_new_tokens: int = Field(
+        48, ge=1, description="Cap on generated tokens, whatever `max_tokens` asks."
+    )
+    threads: int = Field(1, ge=1, description="torch intra-op threads of each forward pass.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Forward passes running at once across all tiers (the tiers share these "
+        "threads, so the stack stays within workers x threads cores).",
+    )
 
 
 class PoolClientSettings(_Section):
@@ -327,6 +361,10 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     image_urls: ImageUrlSettings = Field(default_factory=ImageUrlSettings)
     pool_client: PoolClientSettings = Field(default_factory=PoolClientSettings)
+    local_pools: LocalPoolSettings = Field(
+        default_factory=LocalPoolSettings,
+        description="The reference-VLM pools `foveal up` runs for tiers without endpoints.",
+    )
     policy: PolicySettings = Field(default_factory=PolicySettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     tenant_policy: TenantPolicySettings = Field(

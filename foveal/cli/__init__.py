@@ -8,7 +8,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -16,6 +16,7 @@ from rich.table import Table
 
 from foveal.cli.logs import configure_logging
 from foveal.cli.operator import operator_app
+from foveal.cli.pool import pool_app
 from foveal.cli.vlm import vlm_app
 from foveal.config import Settings, load_settings
 
@@ -40,6 +41,7 @@ app.add_typer(router_app, name="router")
 app.add_typer(bench_app, name="bench")
 app.add_typer(operator_app, name="operator")
 app.add_typer(vlm_app, name="vlm")
+app.add_typer(pool_app, name="pool")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Store URL (overrides config).")]
@@ -81,26 +83,46 @@ def up(
     grpc_port: Annotated[int | None, typer.Option(help="gRPC router port (0: a free one).")] = None,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys.")] = False,
     replicas: Annotated[int, typer.Option(help="Local pool replicas per tier.")] = 1,
+    pools: Annotated[
+        str | None,
+        typer.Option(
+            help="Backend of the local pools: reference (the reference VLM) or fake (a test "
+            "double). Default: each tier's `backend` setting (reference)."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Reference-VLM checkpoint (default: the shipped one).")
+    ] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Start the local stack: gateway + gRPC router (SQLite store) + one local pool per tier."""
     from foveal.testing.stack import LocalStack
 
+    if pools not in (None, "reference", "fake"):
+        raise typer.BadParameter(f"expected reference or fake, got {pools!r}", param_hint="--pools")
     settings = _settings(
         config,
         store,
         gateway={"port": port},
         grpc={"port": grpc_port},
         auth={"enabled": auth or None},
+        local_pools={"checkpoint": str(checkpoint) if checkpoint else None},
     )
-    stack = LocalStack(settings, record_requests=False)
+    backend: Literal["reference", "fake"] | None = None
+    if pools is not None:
+        backend = "fake" if pools == "fake" else "reference"
+    stack = LocalStack(settings, record_requests=False, pool_backend=backend)
 
     async def start() -> None:
         await stack.start(replicas=replicas)
         _print_stack(stack)
 
-    asyncio.run(_serve_until_signal(start, stack.stop))
+    try:
+        asyncio.run(_serve_until_signal(start, stack.stop))
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]cannot start the local stack:[/red] {exc}")
+        raise typer.Exit(1) from None
 
 
 def _print_stack(stack: Any) -> None:
@@ -115,8 +137,15 @@ def _print_stack(stack: Any) -> None:
         if s.auth.enabled
         else f"DISABLED (every request is tenant {s.auth.default_tenant!r})",
     )
+    backends = {pools[0].backend for pools in stack.pools.values()}
+    if "reference" in backends:
+        table.add_row("reference VLM checkpoint", s.local_pools.checkpoint or "(shipped)")
     for tier in s.tiers:
-        label = "FAKE pool (test double)" if tier.name in stack.pools else tier.backend
+        label = tier.backend
+        if tier.name in stack.pools and stack.pools[tier.name][0].backend == "fake":
+            label = "FAKE pool (test double)"
+        elif tier.name in stack.pools:
+            label = f"reference VLM pool ({tier.model}, {s.local_pools.mechanism})"
         urls = ", ".join(e.url for e in tier.endpoints)
         table.add_row(f"tier {tier.name} ({tier.visual_tokens} visual tokens)", f"{label}: {urls}")
     console.print(table)
@@ -254,6 +283,30 @@ def bench_overhead(
 
     configure_logging("text", "WARNING")
     run_overhead(requests=requests, out=out, console=console)
+
+
+@bench_app.command("operator")
+def bench_operator(
+    repetitions: Annotated[int, typer.Option(min=1, help="Repetitions of each measurement.")] = 10,
+    scale_interval: Annotated[
+        float, typer.Option(min=0.1, help="The operator's --scale-interval, seconds.")
+    ] = 1.0,
+    idle_seconds: Annotated[
+        int, typer.Option(min=0, help="idleSecondsToZero of the cold tier.")
+    ] = 3,
+    out: Annotated[Path | None, typer.Option(help="Write results as JSON here.")] = None,
+) -> None:
+    """Operator reconcile latency and scaling reaction time on a local Kubernetes cluster."""
+    from foveal.bench.kube import run_operator_bench
+
+    configure_logging("text", "WARNING")
+    run_operator_bench(
+        repetitions=repetitions,
+        scale_interval_s=scale_interval,
+        idle_seconds=idle_seconds,
+        out=out,
+        console=console,
+    )
 
 
 @bench_app.command("tiers")

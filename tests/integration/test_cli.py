@@ -30,7 +30,9 @@ def _foveal(*args: str, cwd: Path, **kw: object) -> subprocess.Popen[str]:
 
 
 def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    proc = _foveal("up", "--port", "0", "--grpc-port", "0", "--auth", cwd=tmp_path)
+    proc = _foveal(
+        "up", "--port", "0", "--grpc-port", "0", "--auth", "--pools", "fake", cwd=tmp_path
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None

@@ -9,12 +9,12 @@ removes fields that a newer spec no longer sets (a strategic merge patch would k
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from foveal.api.crds import API_VERSION, ModelPoolSpec
+from foveal.pools.vllm import from_model_pool, serve_args
 
 __all__ = [
     "CHILD_PREFIX",
@@ -129,14 +129,9 @@ def container_command(spec: ModelPoolSpec) -> list[str]:
             "--host", "0.0.0.0",
             "--port", str(spec.port),
         ]  # fmt: skip
-    return [
-        "vllm", "serve", spec.model,
-        "--port", str(spec.port),
-        "--served-model-name", spec.model,
-        "--mm-processor-kwargs", json.dumps({"max_pixels": spec.effective_max_pixels}),
-        "--limit-mm-per-prompt", json.dumps({"image": spec.backend_args.limit_mm_per_prompt}),
-        *spec.backend_args.extra_args,
-    ]  # fmt: skip
+    # One mapping for every vLLM tier (max_pixels = tokens*28*28 and a min_pixels floor so t1
+    # stays 1 token): the same function the docs and the router-side catalog use.
+    return serve_args(from_model_pool(spec))
 
 
 def _probe(*, period: int, failures: int) -> dict[str, Any]:

@@ -85,12 +85,18 @@ def test_vllm_command_carries_the_tier_budget() -> None:
     assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct"]
     assert cmd[cmd.index("--port") + 1] == "8080"
     assert cmd[cmd.index("--served-model-name") + 1] == "Qwen/Qwen2.5-VL-7B-Instruct"
-    assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {"max_pixels": 256 * 784}
+    assert json.loads(cmd[cmd.index("--mm-processor-kwargs") + 1]) == {
+        "max_pixels": 256 * 784,
+        "min_pixels": 3136,
+    }
     assert json.loads(cmd[cmd.index("--limit-mm-per-prompt") + 1]) == {"image": 2}
     assert cmd[-2:] == ["--max-model-len", "8192"]
     explicit = spec(backend="vllm", backendArgs={"maxPixels": 1003520})
     kwargs = m.container_command(explicit)
-    assert json.loads(kwargs[kwargs.index("--mm-processor-kwargs") + 1]) == {"max_pixels": 1003520}
+    assert json.loads(kwargs[kwargs.index("--mm-processor-kwargs") + 1]) == {
+        "max_pixels": 1003520,
+        "min_pixels": 3136,
+    }
     dep = m.deployment("big", "demo", UID, s)
     startup = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # weights load slowly

@@ -213,7 +213,6 @@ def test_missing_checkpoint_names_the_training_command(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope.pt")
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped checkpoint is trained separately")
 def test_shipped_checkpoint_is_small_and_loads_offline() -> None:
     assert SHIPPED.stat().st_size <= 20 * 1024 * 1024
     m = load_checkpoint()

@@ -170,7 +170,7 @@ class DemandTracker:
 
     async def refresh(self, session: aiohttp.ClientSession, *, max_age_s: float = 0.0) -> None:
         """Scrape every router concurrently, unless the last refresh is younger than
-        ``max_age_s`` (many pools' timers share one scrape per pass)."""
+        ``max_age_s`` (one scrape per autoscaler pass, shared by every pool)."""
         async with self._lock:
             now = self._monotonic()
             if self.last_refresh is not None and now - self.last_refresh < max_age_s:

@@ -4,13 +4,20 @@
   replicas > 1, deleted otherwise), then status (selector, endpoints, counts, conditions).
 - Deployments labelled ``app.kubernetes.io/managed-by=foveal-operator`` -> the owning
   ModelPool's replicas/readyReplicas/Ready; a deleted or hand-scaled Deployment is re-applied.
-- A timer per ModelPool (only with router metrics URLs) -> demand -> desired replicas, written
-  through the ModelPool's scale subresource (which triggers the update handler above).
+- One autoscaler loop (only with router metrics URLs) -> every ``scale_interval_s`` one scrape
+  of the routers, then per ModelPool of a kopf index: demand -> desired replicas, written
+  through the ModelPool's scale subresource (which triggers the update handler above), with
+  a Kubernetes Event per change.
 - RoutingPolicy create/update/resume/delete -> every policy of the namespace gets
   ``status.accepted`` and an ``Accepted`` condition (:func:`status.evaluate_policies`).
 
 Deletion needs no finalizer: children carry an owner reference to their ModelPool (controller)
-and the garbage collector removes them; the operator only forgets its in-memory state.
+and the garbage collector removes them; the operator only forgets its in-memory state. No
+handler may make kopf add one: kopf puts its finalizer on every object that has a timer or a
+daemon (hard-wired in ``kopf.timer``/``kopf.daemon``) or a non-optional ``on.delete`` handler,
+and an object with a finalizer cannot be deleted while the operator is down or has lost its
+RBAC (``helm uninstall`` removes both in one pass). Hence the autoscaler is one loop over an
+index of ModelPools, not a timer per object; :func:`build_registry` checks this.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Final, Literal
 
 import aiohttp
 import kopf
@@ -43,6 +50,7 @@ __all__ = ["Operator", "OperatorConfig", "build_registry"]
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+OBSERVED: Final = "observed"  # a condition's generation: the status.observedGeneration in place
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ class Operator:
     pdb_version: str = m.PDB_V1BETA1
     states: dict[Key, ScalingState] = field(default_factory=dict)
     problems: dict[Key, dict[str, list[str]]] = field(default_factory=dict)
+    autoscaler: asyncio.Task[None] | None = None
+    passes: int = 0  # autoscaler passes completed (tests and logs)
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,7 +120,16 @@ class Operator:
             ", ".join(self.config.router_metrics) or "<none: autoscaler off>",
         )
 
+    def start_autoscaler(self, pools: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        """Run :meth:`autoscale_loop` in the background (no-op without router metrics)."""
+        if self.tracker.configured and self.autoscaler is None:
+            self.autoscaler = asyncio.create_task(self.autoscale_loop(pools), name="autoscaler")
+
     async def close(self) -> None:
+        task, self.autoscaler = self.autoscaler, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if self.kube is not None:
             await self.kube.close()
         if self.http is not None:
@@ -242,21 +261,59 @@ class Operator:
             except (kopf.PermanentError, kopf.TemporaryError) as exc:
                 log.warning("re-applying ModelPool %s/%s failed: %s", ns, name, exc)
             return
-        generation = (pool.get("status") or {}).get("observedGeneration")
         async with self._lock((ns, name)):
+            # The Ready condition describes the spec the children were last applied for: the
+            # status.observedGeneration at the time of writing, not the one read before the
+            # lock (a reconcile may have finished in between).
             await self._write_pool_status(
                 ns,
                 name,
                 {"replicas": have, "readyReplicas": ready},
                 [st.ready_condition(wanted, ready)],
-                generation,
+                OBSERVED,
             )
 
+    async def autoscale_loop(self, pools: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        """Every ``scale_interval_s``: scrape the routers once, then one pass per ModelPool
+        (``pools()`` gives the current objects: the kopf index). A failing pool is logged and
+        retried on the next pass; the others go on."""
+        interval = self.config.scale_interval_s
+        while True:
+            began = time.monotonic()
+            try:
+                await self.autoscale_pass(list(pools()))
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("autoscaler pass failed; retrying in %.1fs", interval)
+            await asyncio.sleep(max(0.0, began + interval - time.monotonic()))
+
+    async def autoscale_pass(self, pools: list[Mapping[str, Any]]) -> None:
+        """One scrape of every router, then :meth:`autoscale` for each pool, concurrently."""
+        if self.http is None:
+            return
+        await self.tracker.refresh(self.http)
+        results = await asyncio.gather(
+            *(self.autoscale(body) for body in pools), return_exceptions=True
+        )
+        for body, result in zip(pools, results, strict=True):
+            if isinstance(result, Exception):
+                meta = body.get("metadata") or {}
+                log.warning(
+                    "autoscaling ModelPool %s/%s failed (retried next pass): %s",
+                    meta.get("namespace"),
+                    meta.get("name"),
+                    result,
+                )
+            elif isinstance(result, BaseException):
+                raise result
+        self.passes += 1
+
     async def autoscale(self, body: Mapping[str, Any]) -> None:
-        """One autoscaler pass for one ModelPool (the timer)."""
+        """One autoscaler pass for one ModelPool."""
         meta = body["metadata"]
         ns, name = meta["namespace"], meta["name"]
         key = (ns, name)
+        if meta.get("deletionTimestamp"):
+            return
         try:
             pool = ModelPool.from_object(body)
         except CrdValidationError:
@@ -279,7 +336,7 @@ class Operator:
         changing = decision.desired != spec.replicas
         if changing:
             await self._scale(ns, name, decision.desired)
-            _post_event(body, decision.code, decision.reason)
+            await self._post_event(meta, decision.code, decision.reason)
             log.info("ModelPool %s/%s: %s", ns, name, decision.reason)
         message = decision.reason
         router_problems = self.tracker.problems()
@@ -301,13 +358,28 @@ class Operator:
                 meta.get("generation"),
             )
 
+    async def _post_event(self, meta: Mapping[str, Any], reason: str, message: str) -> None:
+        """A Kubernetes Event on the ModelPool (``kubectl describe`` shows scaling decisions).
+
+        Posted directly: the autoscaler runs outside kopf's per-object handlers, where
+        ``kopf.event`` has no queue. An Event that cannot be posted is logged, never fatal.
+        """
+        event = st.pool_event(
+            meta, reason=reason, message=message, now=st.rfc3339(self.wall()),
+            component=self.config.field_manager,
+        )  # fmt: skip
+        try:
+            await self._k.create(event)
+        except (KubeApiError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("Event %s on ModelPool %s not posted: %s", reason, meta.get("name"), exc)
+
     async def _write_pool_status(
         self,
         ns: str,
         name: str,
         fields: Mapping[str, Any],
         updates: list[st.ConditionUpdate],
-        generation: int | None,
+        generation: int | None | Literal["observed"],
     ) -> None:
         await self._write_status("ModelPool", ns, name, fields, updates, generation)
 
@@ -318,10 +390,13 @@ class Operator:
         name: str,
         fields: Mapping[str, Any],
         updates: list[st.ConditionUpdate],
-        generation: int | None,
+        generation: int | None | Literal["observed"],
     ) -> None:
         """Read-merge-patch of status with the resourceVersion as precondition (retries on a
-        conflict), skipped when nothing changes, so watchers see no empty updates."""
+        conflict), skipped when nothing changes, so watchers see no empty updates.
+
+        ``generation`` goes into the updated conditions' ``observedGeneration``; ``OBSERVED``
+        takes the object's ``status.observedGeneration`` as read here."""
         path = object_path(API_VERSION, kind, ns, name)
         for _ in range(5):
             obj = await self._k.get(path)
@@ -332,7 +407,9 @@ class Operator:
                 status.get("conditions") or [],
                 updates,
                 now=st.rfc3339(self.wall()),
-                generation=generation,
+                generation=status.get("observedGeneration")
+                if generation == OBSERVED
+                else generation,
             )
             new = {k: v for k, v in fields.items() if v is not None}
             if all(status.get(k) == v for k, v in new.items()) and _same_conditions(
@@ -347,6 +424,8 @@ class Operator:
                 await self._k.merge_patch(path + "/status", body)
                 return
             except KubeApiError as exc:
+                if exc.status == 404:
+                    return  # deleted since the read: nothing left to report on
                 if exc.status != 409:
                     raise
         log.warning("status of %s %s/%s not written: kept conflicting", kind, ns, name)
@@ -381,14 +460,6 @@ class Operator:
                 )
 
 
-def _post_event(body: Mapping[str, Any], reason: str, message: str) -> None:
-    """A Kubernetes Event on the object (``kubectl describe`` shows scaling decisions)."""
-    try:
-        kopf.event(cast(kopf.Body, body), type="Normal", reason=reason, message=message)
-    except LookupError:  # outside a running kopf operator (no event queue): nothing to post
-        log.debug("event not posted (no operator context): %s %s", reason, message)
-
-
 def _same_conditions(old: list[Any], new: list[dict[str, Any]]) -> bool:
     def strip(cs: list[Any]) -> list[Any]:
         return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in cs]
@@ -408,8 +479,14 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
         return connection_info(operator.login())
 
     @kopf.on.startup(id="startup", registry=registry)
-    async def startup(**_: Any) -> None:
+    async def startup(**kwargs: Any) -> None:
         await operator.start()
+        modelpools: kopf.Index[Key, kopf.Body] = kwargs["modelpools"]  # the index below
+
+        def current() -> list[Mapping[str, Any]]:
+            return [body for key in list(modelpools) for body in modelpools.get(key, ())]
+
+        operator.start_autoscaler(current)
 
     @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -437,13 +514,11 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     async def deployment_event(type: str, body: kopf.Body, **_: Any) -> None:
         await operator.deployment_event(type, body)
 
-    if operator.config.router_metrics:
-
-        @kopf.timer(
-            *pools, id="autoscale", interval=operator.config.scale_interval_s, registry=registry
-        )
-        async def autoscale(body: kopf.Body, **_: Any) -> None:
-            await operator.autoscale(body)
+    @kopf.index(*pools, id="modelpools", registry=registry)
+    def index_pools(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+        # What the autoscaler loop iterates: the latest body of every ModelPool (kopf drops
+        # deleted ones). An index, unlike a timer, needs no finalizer.
+        return {(namespace, name): body} if namespace else {}
 
     @kopf.on.resume(*policies, id="evaluate", registry=registry)
     @kopf.on.create(*policies, id="evaluate", registry=registry)
@@ -457,4 +532,20 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
         if type == "DELETED" and namespace:  # a deleted policy may free tenants for another one
             await operator.evaluate_policies(namespace)
 
+    _check_no_finalizers(registry)
     return registry
+
+
+def _check_no_finalizers(registry: kopf.OperatorRegistry) -> None:
+    """Fail at start-up if a handler would make kopf block deletion with its finalizer (see
+    the module docstring): ModelPools must stay deletable without the operator."""
+    handlers = [
+        *registry._spawning.get_all_handlers(),  # timers, daemons
+        *registry._changing.get_all_handlers(),  # on.create/update/resume/delete
+    ]
+    blocking = [str(h.id) for h in handlers if getattr(h, "requires_finalizer", False)]
+    if blocking:
+        raise RuntimeError(
+            "handlers that need a finalizer (ModelPools would become undeletable without the "
+            f"operator): {', '.join(blocking)}"
+        )

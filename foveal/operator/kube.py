@@ -2,7 +2,8 @@
 
 kopf watches and patches the objects it handles; the operator additionally applies children
 (server-side apply), patches status and the scale subresource of ModelPools it is not
-currently handling (from the Deployment watch and the autoscaler timer), and reads discovery.
+currently handling (from the Deployment watch and the autoscaler loop), posts Events and reads
+discovery.
 The official ``kubernetes`` client is synchronous, so these calls go through aiohttp with the
 same credentials the official client loads (kubeconfig or in-cluster service account); kopf
 logs in with the very same credentials (:func:`connection_info`).
@@ -38,6 +39,7 @@ _PLURALS = {
     "PodDisruptionBudget": "poddisruptionbudgets",
     "ModelPool": "modelpools",
     "RoutingPolicy": "routingpolicies",
+    "Event": "events",
 }
 
 
@@ -211,6 +213,11 @@ class KubeClient:
             content_type=APPLY_PATCH,
             params={"fieldManager": field_manager, "force": "true"},
         )
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """POST ``obj`` to its collection (``metadata.generateName`` picks a unique name)."""
+        path = object_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"])
+        return await self.request("POST", path, body=obj)
 
     async def delete(self, path: str) -> bool:
         """True when something was deleted, False when it was already gone."""

@@ -43,7 +43,9 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="foveal.io", key="last-handled-configuration"
     )
-    settings.persistence.finalizer = "foveal.io/operator"  # unused: no blocking delete handler
+    # No handler needs a finalizer (see handlers.py); kopf still removes this one from
+    # ModelPools that an older operator version gave it.
+    settings.persistence.finalizer = "foveal.io/operator"
     settings.posting.level = logging.WARNING  # events for problems; explicit ones for scaling
     settings.watching.server_timeout = 300  # re-list every 5 min as a safety net
     settings.watching.client_timeout = 330

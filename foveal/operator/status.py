@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from foveal.api.crds import (
+    API_VERSION,
     CONDITION_ACCEPTED,
     CONDITION_DEGRADED,
     CONDITION_READY,
@@ -31,6 +32,7 @@ __all__ = [
     "deployment_counts",
     "evaluate_policies",
     "merge_conditions",
+    "pool_event",
     "ready_condition",
     "rfc3339",
 ]
@@ -125,6 +127,45 @@ def degraded_condition(problems: Mapping[str, Sequence[str]]) -> ConditionUpdate
 
 def scaling_condition(code: str, message: str, *, changing: bool) -> ConditionUpdate:
     return ConditionUpdate(CONDITION_SCALING, "True" if changing else "False", code, message)
+
+
+def pool_event(
+    meta: Mapping[str, Any],
+    *,
+    reason: str,
+    message: str,
+    now: str,
+    component: str,
+    type: str = "Normal",
+) -> dict[str, Any]:
+    """A core/v1 Event about the ModelPool with metadata ``meta`` (``kubectl describe``).
+
+    ``generateName`` gives each Event a unique name, as the Kubernetes controllers' own
+    ``<object>.<suffix>`` names; the message is capped at the API server's 1 KiB limit.
+    """
+    namespace = meta["namespace"]
+    involved = {
+        "apiVersion": API_VERSION,
+        "kind": "ModelPool",
+        "name": meta["name"],
+        "namespace": namespace,
+        **({"uid": meta["uid"]} if meta.get("uid") else {}),
+        **({"resourceVersion": meta["resourceVersion"]} if meta.get("resourceVersion") else {}),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+        "involvedObject": involved,
+        "type": type,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 # --------------------------------------------------------------------------- RoutingPolicy

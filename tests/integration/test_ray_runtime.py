@@ -36,7 +36,12 @@ if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serv
 from foveal.pools.ray_app import RayAutoscaling, RayPoolApp, RayPoolConfig, free_port, parse_tiers
 
 # Ray Serve's own config models use pydantic v1-style Field arguments.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+    # Ray starts a cluster and a replica per tier (each importing torch): ~30 s on an idle
+    # 2-core box, minutes when the machine is busy. The per-test default (120 s) is too tight.
+    pytest.mark.timeout(900),
+]
 
 MODEL = "foveal-ref"
 QUESTION = "what colour is the square"

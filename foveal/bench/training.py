@@ -27,11 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from foveal.bench.suite import FAMILIES, Sample, generate, generate_suite, normalise_answer
-from foveal.bench.suite.families import glyph_positions
+from foveal.bench.suite import (
+    COLOUR_NAMES,
+    FAMILIES,
+    SHAPES,
+    Sample,
+    generate,
+    generate_suite,
+    normalise_answer,
+)
+from foveal.bench.suite.families import object_positions, reading_layout
 from foveal.pools.reference.checkpoint import load_checkpoint, save_checkpoint
 from foveal.pools.reference.compress import MECHANISMS, square_side
-from foveal.pools.reference.data import glyph_targets, image_tensor, text_batch
+from foveal.pools.reference.data import grid_targets, image_tensor, text_batch
 from foveal.pools.reference.model import GLYPHS, ReferenceVLM, VLMConfig, build_model
 
 TIERS: tuple[int, ...] = (1, 4, 16, 64, 256)
@@ -131,17 +139,52 @@ def train_step(model: ReferenceVLM, opt: torch.optim.Optimizer, batch: Batch, lr
         group["lr"] = lr
     c = model.config
     grid = square_side(batch.k) if batch.mechanism == "resolution" else c.grid
-    glyphs = None
-    if grid >= 8:  # coarser grids cannot place glyphs: no auxiliary signal there
-        pos = [glyph_positions(x) if x.family in READING else None for x in s]
-        glyphs = glyph_targets(pos, grid, c.image_size, GLYPHS)
+    dense = dense_targets(s, grid, c.image_size)
     model.train()
-    loss = model.loss(images, text, valid, targets, batch.k, batch.mechanism, glyphs)
+    loss = model.loss(images, text, valid, targets, batch.k, batch.mechanism, dense)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
+
+
+def dense_targets(samples: Sequence[Sample], grid: int, image_size: int) -> dict[str, Any]:
+    """Auxiliary class maps on the encoder's grid (see model.AUX_HEADS) for a batch.
+
+    Text is only placed on grids of 8x8 and finer (coarser ones cannot separate glyphs);
+    scene objects from 4x4 up. Samples without that kind of content are ignored (-100).
+    """
+    glyph: list[Any] = []
+    order: list[Any] = []
+    group: list[Any] = []
+    obj: list[Any] = []
+    for x in samples:
+        layout = reading_layout(x) if grid >= 8 and x.family in READING else None
+        if layout is None:
+            glyph.append(None)
+            order.append(None)
+            group.append(None)
+        else:
+            glyph.append([(gx, gy, GLYPHS.find(ch) + 1) for ch, gx, gy, _, _ in layout])
+            order.append([(gx, gy, i + 1) for _, gx, gy, i, _ in layout if 0 <= i < 8])
+            group.append([(gx, gy, g + 1) for _, gx, gy, _, g in layout])
+        objects = object_positions(x) if grid >= 4 else []
+        obj.append(
+            [
+                (ox, oy, 1 + SHAPES.index(sh) * len(COLOUR_NAMES) + COLOUR_NAMES.index(col))
+                for sh, col, ox, oy in objects
+            ]
+            if objects
+            else None
+        )
+    out = {
+        "glyph": grid_targets(glyph, grid, image_size),
+        "order": grid_targets(order, grid, image_size),
+        "group": grid_targets(group, grid, image_size),
+        "object": grid_targets(obj, grid, image_size),
+    }
+    return out
 
 
 def make_optimizer(model: ReferenceVLM, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from foveal.bench.suite import generate
-from foveal.bench.training import TrainConfig, batches, make_optimizer, schedule, train_step
+from foveal.bench.suite.families import DOC_FIELDS, reading_layout
+from foveal.bench.training import (
+    TrainConfig,
+    batches,
+    dense_targets,
+    make_optimizer,
+    schedule,
+    train_step,
+)
 from foveal.pools.reference.checkpoint import SHIPPED, load_checkpoint, save_checkpoint
 from foveal.pools.reference.compress import (
     cls_topk_indices,
@@ -20,7 +28,7 @@ from foveal.pools.reference.compress import (
 )
 from foveal.pools.reference.data import glyph_targets, image_tensor, text_batch
 from foveal.pools.reference.model import GLYPHS, VLMConfig, build_model
-from foveal.pools.reference.tokenizer import EOS, Tokenizer
+from foveal.pools.reference.tokenizer import EOS, SEP, Tokenizer
 
 SMALL = VLMConfig(d_model=32, n_heads=2, vision_layers=1, lm_layers=1, mlp_ratio=2)
 
@@ -143,7 +151,8 @@ def test_cached_decoding_matches_a_full_recompute(model) -> None:
             seq, ok = ids[r : r + 1], valid[r : r + 1]
             for tok in g.token_ids[:3]:
                 pos = (ok.long().cumsum(1) - 1).clamp(min=0)
-                hidden, _ = model._decode(vis[r : r + 1], seq, ok, pos)
+                rel = model.answer_positions(seq)
+                hidden, _ = model._decode(vis[r : r + 1], seq, ok, pos, rel)
                 assert int(model.logits(hidden[:, -1]).argmax()) == tok
                 seq = torch.cat([seq, torch.tensor([[tok]])], 1)
                 ok = torch.cat([ok, torch.tensor([[True]])], 1)
@@ -218,3 +227,36 @@ def test_shipped_checkpoint_is_small_and_loads_offline() -> None:
     m = load_checkpoint()
     g = m.generate(_images(1, "colour"), ["What is the dominant colour of the image?"], 1)
     assert g[0].text  # answers something
+
+
+def test_answer_positions_count_from_the_separator(model) -> None:
+    text = torch.tensor([[0, 5, 6, SEP, 7, 8, EOS], [9, 9, 9, 9, SEP, 7, EOS]])
+    assert model.answer_positions(text).tolist() == [
+        [-1, -1, -1, 0, 1, 2, 3],
+        [-1, -1, -1, -1, 0, 1, 2],
+    ]
+
+
+def test_reading_layout_indexes_the_askable_string() -> None:
+    s = generate("document", np.random.default_rng(3), difficulty=0.5)
+    asked = 1 + DOC_FIELDS.index(s.params["field"])
+    value = [(ch, i) for ch, _, _, i, g in reading_layout(s) if g == asked and i >= 0]
+    assert "".join(ch for ch, _ in value) == s.answer
+    assert [i for _, i in value] == list(range(len(s.answer)))
+    ocr = generate("ocr", np.random.default_rng(4))
+    assert "".join(ch for ch, *_ in reading_layout(ocr)) == ocr.answer
+
+
+def test_dense_targets_follow_the_grid_and_family() -> None:
+    rng = np.random.default_rng(0)
+    samples = [generate(f, rng) for f in ("ocr", "counting", "chart")]
+    fine = dense_targets(samples, 16, 128)
+    assert int((fine["glyph"][0] > 0).sum()) == len(samples[0].answer)
+    assert sorted(fine["order"][0][fine["order"][0] > 0].tolist()) == list(
+        range(1, len(samples[0].answer) + 1)
+    )
+    assert bool((fine["glyph"][1] == -100).all())  # no text in a counting scene
+    assert int((fine["object"][1] > 0).sum()) >= 1  # but objects
+    assert bool((fine["object"][2] == -100).all()) and bool((fine["glyph"][2] == -100).all())
+    coarse = dense_targets(samples, 2, 128)  # too coarse for anything
+    assert all(bool((t == -100).all()) for t in coarse.values())

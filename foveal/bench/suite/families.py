@@ -256,17 +256,44 @@ def glyph_positions(sample: Sample) -> list[tuple[str, float, float]]:
     pixels; empty for families without text. The reference VLM uses it as an auxiliary
     training signal (which character sits under which visual token).
     """
+    return [(ch, x, y) for ch, x, y, _, _ in reading_layout(sample)]
+
+
+def reading_layout(sample: Sample) -> list[tuple[str, float, float, int, int]]:
+    """Every glyph as (character, x, y, index, group).
+
+    `index` is the character's position in the string a question can ask for (the OCR word,
+    a document field's value), -1 for other text (field names, colons); `group` is 0 for the
+    OCR word and 1 + the field's index in :data:`DOC_FIELDS` for a document line.
+    """
     p = sample.params
     if sample.family == "ocr":
-        x0, y0, _, y1 = p["bbox"]
-        return glyph_centres(sample.answer, x0, y0, p["text_height"])
+        x0, y0, _, _ = p["bbox"]
+        glyphs = glyph_centres(sample.answer, x0, y0, p["text_height"])
+        return [(ch, x, y, i, 0) for i, (ch, x, y) in enumerate(glyphs)]
     if sample.family == "document":
         top, gap = _doc_layout(p["size"], p["lines"])
-        out: list[tuple[str, float, float]] = []
+        out: list[tuple[str, float, float, int, int]] = []
         for i, (name, value) in enumerate(p["fields"].items()):
-            out += glyph_centres(f"{name}: {value}", _DOC_X, round(top + i * gap), p["text_height"])
+            line = f"{name}: {value}"
+            glyphs = glyph_centres(line, _DOC_X, round(top + i * gap), p["text_height"])
+            first = len(glyphs) - len(value)  # the value's glyphs end the line
+            group = 1 + DOC_FIELDS.index(name)
+            out += [
+                (ch, x, y, j - first if j >= first else -1, group)
+                for j, (ch, x, y) in enumerate(glyphs)
+            ]
         return out
     return []
+
+
+def object_positions(sample: Sample) -> list[tuple[str, str, float, float]]:
+    """(shape, colour, centre x, centre y) of every drawn object of a scene sample."""
+    return [
+        (o["shape"], o["colour"], float(o["cx"]), float(o["cy"]))
+        for o in sample.params.get("objects", [])
+        if isinstance(o, dict) and {"shape", "colour", "cx", "cy"} <= o.keys()
+    ]
 
 
 def _document(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, str, str, dict]:

@@ -44,24 +44,35 @@ def text_batch(
     return text, text != PAD, targets
 
 
+def grid_targets(
+    items: Sequence[Sequence[tuple[float, float, int]] | None], grid: int, image_size: int
+) -> Tensor:
+    """(B, grid, grid) class maps: each (x, y, class) item marks the token its pixel falls in,
+    other tokens get 0; rows given as None are ignored (-100)."""
+    out = torch.full((len(items), grid, grid), -100, dtype=torch.long)
+    scale = grid / image_size
+    for r, row in enumerate(items):
+        if row is None:
+            continue
+        out[r] = 0
+        for x, y, cls in row:
+            gx = min(grid - 1, max(0, int(x * scale)))
+            gy = min(grid - 1, max(0, int(y * scale)))
+            out[r, gy, gx] = cls
+    return out
+
+
 def glyph_targets(
     positions: Sequence[Sequence[tuple[str, float, float]] | None],
     grid: int,
     image_size: int,
     classes: str,
 ) -> Tensor:
-    """(B, grid, grid) glyph classes on the token grid: 1 + index in `classes` where a glyph's
-    centre falls, 0 elsewhere; rows whose positions are None are ignored (-100)."""
-    out = torch.full((len(positions), grid, grid), -100, dtype=torch.long)
-    scale = grid / image_size
-    for r, glyphs in enumerate(positions):
-        if glyphs is None:
-            continue
-        out[r] = 0
-        for ch, x, y in glyphs:
-            c = classes.find(ch.upper())
-            if c >= 0:
-                gx = min(grid - 1, max(0, int(x * scale)))
-                gy = min(grid - 1, max(0, int(y * scale)))
-                out[r, gy, gx] = c + 1
-    return out
+    """Glyph classes on the token grid: 1 + index in `classes` where a glyph's centre falls."""
+    items = [
+        None
+        if glyphs is None
+        else [(x, y, classes.find(ch.upper()) + 1) for ch, x, y in glyphs if ch.upper() in classes]
+        for glyphs in positions
+    ]
+    return grid_targets(items, grid, image_size)

@@ -26,6 +26,10 @@ from foveal.pools.reference.tokenizer import EOS, PAD, SEP, Tokenizer
 
 #: Glyph classes of the auxiliary reading head (class 0 = no glyph centre under the token).
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:"
+#: Auxiliary dense heads on the encoder's patch grid: name -> classes (class 0 = nothing there).
+#: glyph: which character; order: its index in the askable string (+1); group: which string it
+#: belongs to (the OCR word or a document field, +1); object: shape x colour of a scene object.
+AUX_HEADS: dict[str, int] = {"glyph": len(GLYPHS) + 1, "order": 9, "group": 10, "object": 25}
 _MEAN = (0.5, 0.5, 0.5)
 _STD = (0.25, 0.25, 0.25)
 
@@ -126,11 +130,13 @@ class ReferenceVLM(nn.Module):
         # Auxiliary training head: which glyph (if any) is centred under each patch token. Dense
         # supervision that teaches the encoder to see characters long before the decoder has
         # learnt where to look for them (reading otherwise sits on a loss plateau for hours).
-        self.glyph_head = nn.Linear(d, len(GLYPHS) + 1)
+        self.aux_heads = nn.ModuleDict({n: nn.Linear(d, c) for n, c in AUX_HEADS.items()})
         self.levels = square_side(c.max_tokens).bit_length()  # tiers 1, 4, 16, ... max_tokens
         self.tier_emb = nn.Embedding(len(MECHANISMS) * self.levels, d)
         self.tok_emb = nn.Embedding(c.vocab_size, d)
         self.text_pos = nn.Embedding(c.max_text, d)
+        # position within the answer (0 = SEP): the i-th answer token knows it is the i-th
+        self.answer_pos = nn.Embedding(c.max_text, d)
         self.lm = nn.ModuleList(Block(d, c.n_heads, c.mlp_ratio) for _ in range(c.lm_layers))
         self.lm_ln = nn.LayerNorm(d)
         self.mean: Tensor
@@ -193,11 +199,17 @@ class ReferenceVLM(nn.Module):
         text: Tensor,
         valid: Tensor,
         pos: Tensor,
+        rel: Tensor,
         past: list[tuple[Tensor, Tensor]] | None = None,
         key_valid: Tensor | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Hidden states of `text` positions; `vis` is empty when a cache is given."""
-        x = self.tok_emb(text) + self.text_pos(pos.clamp(max=self.config.max_text - 1))
+        """Hidden states of `text` positions; `vis` is empty when a cache is given.
+
+        `pos` are text positions, `rel` positions within the answer (-1 before the SEP).
+        """
+        top = self.config.max_text - 1
+        x = self.tok_emb(text) + self.text_pos(pos.clamp(max=top))
+        x = x + self.answer_pos(rel.clamp(0, top)) * (rel >= 0).unsqueeze(-1)
         x = torch.cat([vis, x], dim=1) if past is None else x
         b, n = x.shape[:2]
         if past is None:
@@ -216,6 +228,12 @@ class ReferenceVLM(nn.Module):
         h = self.lm_ln(x)
         return (h if past is not None else h[:, vis.shape[1] :]), cache
 
+    @staticmethod
+    def answer_positions(text: Tensor) -> Tensor:
+        """Index of each token within the answer: 0 at SEP, 1.. after it, -1 before it."""
+        after = (text == SEP).long().cumsum(1) > 0
+        return torch.where(after, after.long().cumsum(1) - 1, -1)
+
     def logits(self, hidden: Tensor) -> Tensor:
         return hidden @ self.tok_emb.weight.t()
 
@@ -227,25 +245,27 @@ class ReferenceVLM(nn.Module):
         targets: Tensor,
         k: int,
         mechanism: str,
-        glyphs: Tensor | None = None,
-        glyph_weight: float = 0.5,
+        dense: dict[str, Tensor] | None = None,
+        aux_weight: float = 0.5,
     ) -> Tensor:
         """Answer cross-entropy of `targets` (-100 = ignored) given left-padded `text` (B, T).
 
-        `glyphs` (B, g, g) are optional glyph-class targets on the encoder's token grid
-        (-100 = ignored); their cross-entropy is added with `glyph_weight`.
+        `dense` maps auxiliary heads (:data:`AUX_HEADS`) to class targets (B, g, g) on the
+        encoder's token grid (-100 = ignored); their cross-entropies are added x `aux_weight`.
         """
         vis, grid = self.visual_tokens(images, k, mechanism)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        hidden, _ = self._decode(vis, text, valid, pos)
+        hidden, _ = self._decode(vis, text, valid, pos, self.answer_positions(text))
         logits = self.logits(hidden).flatten(0, 1)
         loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
-        if glyphs is not None and bool((glyphs >= 0).any()):
-            weight = torch.ones(len(GLYPHS) + 1, device=grid.device)
-            weight[0] = 0.1  # most tokens hold no glyph centre
-            g_logits = self.glyph_head(grid).flatten(0, 1)
-            aux = F.cross_entropy(g_logits, glyphs.flatten(), weight=weight, ignore_index=-100)
-            loss = loss + glyph_weight * aux
+        for name, target in (dense or {}).items():
+            if not bool((target >= 0).any()):
+                continue
+            weight = torch.ones(AUX_HEADS[name], device=grid.device)
+            weight[0] = 0.1  # most tokens hold nothing
+            out = self.aux_heads[name](grid).flatten(0, 1)
+            aux = F.cross_entropy(out, target.flatten(), weight=weight, ignore_index=-100)
+            loss = loss + aux_weight * aux
         return loss
 
     def encode_prompts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
@@ -271,10 +291,12 @@ class ReferenceVLM(nn.Module):
         ids, valid = ids.to(images.device), valid.to(images.device)
         vis, _ = self.visual_tokens(images, k, mechanism)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        hidden, cache = self._decode(vis, ids, valid, pos)
+        rel = self.answer_positions(ids)
+        hidden, cache = self._decode(vis, ids, valid, pos, rel)
         b = len(questions)
         key_valid = torch.cat([torch.ones(b, k, dtype=torch.bool, device=ids.device), valid], 1)
         next_pos = pos[:, -1] + 1
+        next_rel = rel[:, -1] + 1
         out: list[list[int]] = [[] for _ in range(b)]
         lps: list[list[float]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
@@ -291,9 +313,16 @@ class ReferenceVLM(nn.Module):
                 break
             key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool)], 1)
             last, cache = self._decode(
-                vis[:, :0], tok[:, None], valid[:, :1], next_pos[:, None], cache, key_valid
+                vis[:, :0],
+                tok[:, None],
+                valid[:, :1],
+                next_pos[:, None],
+                next_rel[:, None],
+                cache,
+                key_valid,
             )
             next_pos = next_pos + 1
+            next_rel = next_rel + 1
         prompt = [k + int(v.sum()) for v in valid]
         return [
             Generation(self.tokenizer.decode(o), [t for t in o if t != EOS], lp, p)

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import uvicorn
@@ -44,6 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from foveal.pools.chat_schema import ChatParams, ImagePart, Part, TextPart
 from foveal.pools.engine import Completion, NotAccepting, PoolEngine, QueueFull
 from foveal.pools.reference.data import image_tensor
 
@@ -59,49 +60,15 @@ _INLINE_DECODE_BYTES = 256 * 1024  # larger images are decoded in a worker threa
 # -- the request schema (OpenAI chat completions, the parts a pool serves) ---------------
 
 
-class _ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class _ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: _ImageUrl
-
-
-_Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
-
-
 class _Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[_Part] | None = None
+    content: str | list[Part] | None = None
 
 
-class _StreamOptions(BaseModel):
-    include_usage: bool | None = False
-
-
-class ChatRequest(BaseModel):
+class ChatRequest(ChatParams):
     """The accepted body; unknown fields are ignored, as vLLM does."""
 
-    model: str
     messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, le=1)
-    stream: bool | None = False
-    stream_options: _StreamOptions | None = None
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    seed: int | None = None
-    stop: str | list[str] | None = None
 
 
 class BadRequest(Exception):
@@ -172,7 +139,7 @@ def parse_chat(req: ChatRequest) -> tuple[str, str, str]:
     for i, msg in enumerate(req.messages):
         content = msg.content
         if content is None or msg.role not in ("user",):
-            if isinstance(content, list) and any(isinstance(p, _ImagePart) for p in content):
+            if isinstance(content, list) and any(isinstance(p, ImagePart) for p in content):
                 raise BadRequest(
                     f"images are only read from user messages, not {msg.role} messages",
                     f"messages.{i}.content",
@@ -182,7 +149,7 @@ def parse_chat(req: ChatRequest) -> tuple[str, str, str]:
             texts.append(content)
             continue
         for j, part in enumerate(content):
-            if isinstance(part, _TextPart):
+            if isinstance(part, TextPart):
                 texts.append(part.text)
             else:
                 images.append((part.image_url.url, f"messages.{i}.content.{j}.image_url.url"))

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
@@ -30,6 +30,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+
+from foveal.pools.chat_schema import ChatParams, Part, TextPart
 
 __all__ = ["FakePool", "FakeScript"]
 
@@ -56,47 +58,13 @@ class FakeScript:
 # -- vLLM's request schema (the parts Foveal uses) ------------------------------------------
 
 
-class _ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class _ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: _ImageUrl
-
-
-_Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
-
-
 class _Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[_Part]
+    content: str | list[Part]
 
 
-class _StreamOptions(BaseModel):
-    include_usage: bool | None = False
-
-
-class _ChatRequest(BaseModel):
-    model: str
+class _ChatRequest(ChatParams):
     messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, le=1)
-    stream: bool | None = False
-    stream_options: _StreamOptions | None = None
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    seed: int | None = None
-    stop: str | list[str] | None = None
 
 
 # -- the server --------------------------------------------------------------------------
@@ -225,7 +193,7 @@ class FakePool:
                     words += len(msg.content.split())
                     continue
                 for part in msg.content:
-                    if isinstance(part, _TextPart):
+                    if isinstance(part, TextPart):
                         words += len(part.text.split())
                     else:
                         _check_image(part.image_url.url)

@@ -16,11 +16,9 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from foveal.pools.engine import EngineSettings, PoolEngine
 from foveal.pools.reference.checkpoint import load_checkpoint, save_checkpoint
 from foveal.pools.reference.model import ReferenceVLM, build_model
 from foveal.pools.server import PoolServer
+from foveal.testing.gate import Gate, closed_gate
 from foveal.testing.images import image_message, png_data_uri
 from foveal.testing.stack import running_stack
 
@@ -76,24 +75,10 @@ def pools(vlm: ReferenceVLM) -> Iterator[dict[str, PoolServer]]:
         server.stop()
 
 
-class Gate:
-    """A one-thread executor kept busy until :meth:`open`: forward passes wait behind it."""
-
-    def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(1)
-        self._event = threading.Event()
-        self.executor.submit(self._event.wait)
-
-    def open(self) -> None:
-        self._event.set()
-
-
 @pytest.fixture
 def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.open()
-    g.executor.shutdown(wait=True)
+    with closed_gate() as g:
+        yield g
 
 
 def _client(url: str) -> openai.AsyncOpenAI:

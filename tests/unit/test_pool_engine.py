@@ -7,9 +7,7 @@ requests pile up exactly where the test wants them until it opens the gate.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -27,6 +25,7 @@ from foveal.pools.engine import (
 )
 from foveal.pools.reference.model import Generation, ReferenceVLM, build_model
 from foveal.pools.reference.tokenizer import EOS
+from foveal.testing.gate import Gate, closed_gate
 
 QUESTION = "What is the dominant colour?"
 
@@ -45,24 +44,10 @@ def image() -> torch.Tensor:
     return torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))
 
 
-class Gate:
-    """A one-thread executor whose thread stays busy until :meth:`open`."""
-
-    def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(1)
-        self._event = threading.Event()
-        self.executor.submit(self._event.wait)
-
-    def open(self) -> None:
-        self._event.set()
-
-
 @pytest.fixture
 def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.open()
-    g.executor.shutdown(wait=True)
+    with closed_gate() as g:
+        yield g
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ class DecisionContext:
     request: ChatRequest
     catalog: Catalog  # never empty: the core answers 503 itself when no tier is known
     tenant_policy: TenantPolicy | None = None  # λ, floor, budget... (core enforces tiers)
+    previous_tier: str | None = None  # the tier that answered this session's previous turn
 
 
 @dataclass(frozen=True, slots=True)

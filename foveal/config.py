@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 __all__ = [
     "AuthSettings",
+    "CascadeSettings",
     "CatalogSettings",
     "EndpointSettings",
     "GatewaySettings",
@@ -31,6 +32,7 @@ __all__ = [
     "LocalPoolSettings",
     "PolicySettings",
     "PoolClientSettings",
+    "SessionSettings",
     "Settings",
     "StoreSettings",
     "TenantPolicySettings",
@@ -214,6 +216,12 @@ class PoolClientSettings(_Section):
 
 class PolicySettings(_Section):
     name: str = Field("rules", description="Routing policy, by registry name.")
+    model_path: str | None = Field(
+        None,
+        description="Sufficiency-model artifact (`.joblib`, with its `.json` beside it) of the "
+        "learned policies (`model`, `linucb`, `lints`); made by `foveal router train`. "
+        "Default: the model shipped with Foveal.",
+    )
     default_tier: str | None = Field(
         None, description="Tier for requests no rule matches (default: the middle tier)."
     )
@@ -264,6 +272,48 @@ class PolicySettings(_Section):
         default_factory=lambda: ["colour", "color", "is there", "describe briefly"],
         description="Prompt words of general questions that survive heavy compression.",
     )
+    bandit_alpha: float = Field(
+        1.0,
+        ge=0,
+        description="`linucb`: width of the confidence bound added to each tier's estimate "
+        "(0: greedy).",
+    )
+    bandit_noise: float = Field(
+        0.5,
+        gt=0,
+        description="`lints`: scale v of the Thompson draws, θ̃ ~ N(θ, v²·A⁻¹).",
+    )
+    bandit_prior_strength: float = Field(
+        10.0,
+        gt=0,
+        description="`linucb`/`lints`: how many observations the sufficiency model's "
+        "prediction is worth before feedback moves a tenant's estimates (the ridge prior).",
+    )
+    bandit_epsilon: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="`linucb`/`lints`: share of requests routed to a uniformly drawn allowed "
+        "tier, for tenants whose policy sets no exploration.",
+    )
+    bandit_max_tenants: int = Field(
+        1000,
+        ge=1,
+        description="`linucb`/`lints`: tenants with learned state of their own; later tenants "
+        "route on the shared prior and do not learn (a warning names the first of them).",
+    )
+    bandit_persist_every: int = Field(
+        50,
+        ge=1,
+        description="`linucb`/`lints`: a tenant's learned state is written to the store "
+        "after this many updates (and on shutdown).",
+    )
+    bandit_persist_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="`linucb`/`lints`: a tenant's learned state is also written at its first "
+        "update this long after its last write.",
+    )
 
 
 class CatalogSettings(_Section):
@@ -313,6 +363,33 @@ class ExplorationSettings(_Section):
     rate: float = Field(0.0, ge=0, le=1, description="Share of requests that explore.")
 
 
+class CascadeSettings(_Section):
+    threshold: float = Field(
+        ge=0,
+        le=1,
+        description="Escalate when the answer's confidence is below this: the geometric-mean "
+        "token probability, exp(mean token log-probability), of the first answer.",
+    )
+    max_escalations: int = Field(
+        1, ge=1, le=4, description="Re-asks at the next higher allowed tier, at most."
+    )
+
+
+class SessionSettings(_Section):
+    max_sessions: int = Field(
+        100_000,
+        ge=1,
+        description="Sessions whose last answering tier the router remembers (least recently "
+        "used ones are forgotten first).",
+    )
+    ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A session not seen for this long is forgotten (its next turn has no "
+        "session floor).",
+    )
+
+
 class TenantPolicySettings(_Section):
     quality_weight: float = Field(
         0.0,
@@ -337,6 +414,16 @@ class TenantPolicySettings(_Section):
         None,
         description="Exploration of the learned policy, `{algorithm: none|linucb|thompson, "
         "rate: 0..1}` (recorded in decisions).",
+    )
+    allow_session_downgrade: bool = Field(
+        False,
+        description="Whether an auto-routed turn of a session may go to a lower tier than "
+        "the one that answered the session's previous turn (off: that tier is a floor).",
+    )
+    cascade: CascadeSettings | None = Field(
+        None,
+        description="Cascade of auto-routed, non-streamed requests, `{threshold: 0..1, "
+        "max_escalations: 1..4}`: a low-confidence answer is asked again one tier higher.",
     )
 
 
@@ -367,6 +454,10 @@ class Settings(BaseSettings):
     )
     policy: PolicySettings = Field(default_factory=PolicySettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    sessions: SessionSettings = Field(
+        default_factory=SessionSettings,
+        description="The in-memory map of each session's last answering tier.",
+    )
     tenant_policy: TenantPolicySettings = Field(
         default_factory=TenantPolicySettings,
         description="The policy of tenants no RoutingPolicy names (and of every tenant with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 __all__ = [
+    "CASCADE_TOTAL",
     "CONTENT_TYPE_LATEST",
     "DECISION_SECONDS",
     "FEEDBACK_TOTAL",
@@ -82,6 +83,12 @@ POOL_ENDPOINTS_AVAILABLE = Gauge(
     "foveal_pool_endpoints_available",
     "Endpoints per tier that are healthy and whose circuit breaker is closed.",
     ["tier"],
+)
+CASCADE_TOTAL = Counter(
+    "foveal_router_cascade_total",
+    "Cascaded requests by first answering tier and result (kept: confident enough or no "
+    "higher tier; escalated: asked again higher up; failed: no higher tier could answer).",
+    ["tier", "result"],
 )
 FEEDBACK_TOTAL = Counter(
     "foveal_router_feedback_total",

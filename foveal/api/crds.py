@@ -40,6 +40,7 @@ __all__ = [
     "GROUP",
     "VERSION",
     "BackendArgs",
+    "Cascade",
     "Condition",
     "CrdValidationError",
     "Exploration",
@@ -320,6 +321,20 @@ class Exploration(_Model):
     rate: float = Field(0.0, ge=0, le=1, description="Share of requests that may explore.")
 
 
+class Cascade(_Model):
+    """Ask again one tier higher when the first answer's confidence is low."""
+
+    threshold: float = Field(
+        ge=0,
+        le=1,
+        description="Escalate below this confidence: exp(mean token log-probability) of the "
+        "first answer (its geometric-mean token probability).",
+    )
+    max_escalations: int = Field(
+        1, ge=1, le=4, description="Re-asks at the next higher allowed tier, at most."
+    )
+
+
 class RoutingPolicySpec(_Model):
     """How the router trades quality against cost for some tenants."""
 
@@ -337,6 +352,12 @@ class RoutingPolicySpec(_Model):
     )
     gpu_seconds_budget: GpuSecondsBudget | None = None
     exploration: Exploration | None = None
+    allow_session_downgrade: bool = Field(
+        False,
+        description="Whether a session's next auto-routed turn may use a lower tier than the "
+        "one that answered its previous turn.",
+    )
+    cascade: Cascade | None = None
 
 
 class RoutingPolicyStatus(_Model):

@@ -1,8 +1,24 @@
 """The router core both edges call: decide -> dispatch -> respond -> record.
 
 Nothing here imports an edge. The request path reads only in-memory snapshots (catalog,
-policy); store writes go through the batching DecisionWriter, except feedback, which is
-committed before the call returns.
+policy, sessions); store writes go through the batching DecisionWriter, except feedback, which
+is committed before the call returns.
+
+What the core enforces around the policy's choice, in order:
+
+1. allowed tiers: a pin outside them is refused (403); an auto choice moves to the nearest
+   allowed tier (upward first);
+2. the session floor: an auto-routed turn of a session never goes below the tier that answered
+   the session's previous turn, unless the tenant policy allows downgrades
+   (``foveal.router.sessions``);
+3. fallback under the floors: when the chosen tier is down or saturated (every endpoint's
+   breaker open or unhealthy, or answering 429), the request moves to the next tier of the
+   fallback order only if that tier is allowed, not below the session floor and, when the
+   policy predicted P(correct) per tier and the tenant has a quality floor, predicted to meet
+   that floor. Otherwise the request is refused at once (503 + Retry-After) with a message
+   naming the tiers tried, the tiers left out and why;
+4. the cascade (``foveal.router.cascade``), for auto-routed non-streamed requests of tenants
+   that enable it.
 """
 
 from __future__ import annotations
@@ -25,14 +41,17 @@ from foveal.errors import (
     PoolError,
 )
 from foveal.pools.catalog import CatalogHolder
-from foveal.pools.client import PoolClient, PoolStream
+from foveal.pools.client import PoolClient, PoolResult, PoolStream
 from foveal.router.auth import Authenticator
+from foveal.router.cascade import higher_tiers, run_cascade
 from foveal.router.feedback_tokens import FeedbackTokens
 from foveal.router.parsing import RawMessage, RequestBuilder
 from foveal.router.policies import Decision, DecisionContext, Policy, Reward
 from foveal.router.requests import ChatRequest, ImagePart
 from foveal.router.results import ChatDelta, ChatResult, Usage
+from foveal.router.sessions import MAX_SESSION_ID_CHARS, SessionTiers, session_key
 from foveal.router.tenant_policy import (
+    CascadePolicy,
     TenantPolicies,
     TenantPolicy,
     TenantPolicyHolder,
@@ -44,6 +63,17 @@ from foveal.store.records import DecisionRecord, FeedbackRecord
 __all__ = ["RouterCore"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Route:
+    """A decision and how to carry it out: the tiers to try, in order, and what was left out."""
+
+    decision: Decision
+    tiers: list[str]
+    excluded: dict[str, str]  # fallback tier -> why it may not answer this request
+    cascade: CascadePolicy | None  # set when this request cascades
+    tenant_policy: TenantPolicy
 
 
 class RouterCore:
@@ -60,8 +90,12 @@ class RouterCore:
         tokens: FeedbackTokens,
         builder: RequestBuilder,
         tenant_policies: TenantPolicyHolder | None = None,
+        sessions: SessionTiers | None = None,
     ) -> None:
         self.settings = settings
+        self.sessions = sessions or SessionTiers(
+            settings.sessions.max_sessions, settings.sessions.ttl_s
+        )
         self.tenant_policies = tenant_policies or TenantPolicyHolder(
             TenantPolicies(default=TenantPolicy.from_settings(settings.tenant_policy))
         )
@@ -82,6 +116,13 @@ class RouterCore:
     async def build_request(
         self, *, tenant: str, model: str, messages: Sequence[RawMessage], **kw: Any
     ) -> ChatRequest:
+        session_id = kw.get("session_id")
+        if session_id is not None and len(session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidRequest(
+                f"session id is {len(session_id)} characters long; the limit is "
+                f"{MAX_SESSION_ID_CHARS}",
+                param="session_id",
+            )
         cap = self.auth.tenant_info(tenant).max_tokens_cap
         return await self.builder.build(
             tenant=tenant, tenant_cap=cap, model=model, messages=messages, **kw
@@ -91,9 +132,32 @@ class RouterCore:
         return ["auto", *self.catalog.snapshot.names]
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        decision, tiers, token, gauge = self._begin(req)
+        route, token, gauge = self._begin(req)
+        decision = route.decision
+        payload = _payload(req)
+        if route.cascade is not None:
+            payload["logprobs"] = True  # the cascade's confidence; stripped below if not asked
+        deadline = self._deadline(req)
         try:
-            result = await self.pools.complete(tiers, _payload(req), deadline=self._deadline(req))
+            result = await self._complete(route, payload, deadline)
+            answers = [result]
+            if route.cascade is not None:
+                names, tp = self.catalog.snapshot.names, route.tenant_policy
+
+                async def complete(tiers: list[str]) -> PoolResult:
+                    # the cascade chose the next tier: demand there (it may be cold)
+                    metrics.TIER_DEMAND_TOTAL.labels(tiers[0]).inc()
+                    return await self.pools.complete(tiers, payload, deadline=deadline)
+
+                run = await run_cascade(
+                    result,
+                    route.cascade,
+                    complete,
+                    lambda tier: higher_tiers(tier, names, tp),
+                )
+                result, answers = run.result, run.answers
+                features = {**decision.features, "cascade": run.info}
+                decision = dataclasses.replace(decision, features=features)
             body = result.body
             choice, content = _first_choice(body, result.tier)
         except BaseException as exc:
@@ -102,7 +166,7 @@ class RouterCore:
         finally:
             gauge.dec()
         usage = Usage.from_openai(body.get("usage"))
-        self._finish(req, decision, tier=result.tier, pool_s=result.latency_s, usage=usage)
+        self._finish(req, decision, tier=result.tier, answers=answers, usage=usage)
         return ChatResult(
             request_id=req.request_id,
             tier=result.tier,
@@ -112,18 +176,18 @@ class RouterCore:
             content=content,
             finish_reason=choice.get("finish_reason"),
             usage=usage,
-            logprobs=choice.get("logprobs"),
+            logprobs=choice.get("logprobs") if req.logprobs else None,
         )
 
     async def chat_stream(self, req: ChatRequest) -> _CoreStream:
-        decision, tiers, token, gauge = self._begin(req)
+        route, token, gauge = self._begin(req)
         try:
-            upstream = await self.pools.stream(tiers, _payload(req), deadline=self._deadline(req))
+            upstream = await self._stream(route, _payload(req), self._deadline(req))
         except BaseException as exc:
             gauge.dec()
-            self._finish(req, decision, tier=decision.tier, exc=exc)
+            self._finish(req, route.decision, tier=route.decision.tier, exc=exc)
             raise
-        return _CoreStream(self, req, decision, upstream, token)
+        return _CoreStream(self, req, route.decision, upstream, token)
 
     async def feedback(self, *, tenant: str, request_id: str, token: str, score: float) -> None:
         outcome = "error"
@@ -166,23 +230,27 @@ class RouterCore:
             return pending
         return await asyncio.to_thread(self.store.get_decision, request_id)
 
-    def _begin(self, req: ChatRequest) -> tuple[Decision, list[str], str, Any]:
-        """Decide, count the request in flight on its tier, and sign its feedback token."""
-        decision, tiers = self._decide(req)
-        gauge = metrics.REQUESTS_INFLIGHT.labels(decision.tier)
-        gauge.inc()
-        return decision, tiers, self.tokens.issue(req.request_id, req.tenant), gauge
+    def _tenant_policy(self, req: ChatRequest) -> TenantPolicy:
+        return self.tenant_policies.snapshot.lookup(req.tenant)
 
-    def _decide(self, req: ChatRequest) -> tuple[Decision, list[str]]:
+    def _begin(self, req: ChatRequest) -> tuple[_Route, str, Any]:
+        """Decide, count the request in flight on its tier, and sign its feedback token."""
+        route = self._decide(req)
+        gauge = metrics.REQUESTS_INFLIGHT.labels(route.decision.tier)
+        gauge.inc()
+        return route, self.tokens.issue(req.request_id, req.tenant), gauge
+
+    def _decide(self, req: ChatRequest) -> _Route:
         """The policy's choice under the tenant's policy, and the tiers to try in order.
 
         The tenant's allowed tiers bound both: a pin outside them is refused (403), an
         auto-routed choice outside them moves to the nearest allowed tier (upward first),
-        and fallback never leaves them.
+        and fallback never leaves them. The session floor and the quality floor bound the
+        auto-routed choice and its fallback (see the module docstring).
         """
         t0 = time.perf_counter()
         catalog = self.catalog.snapshot
-        tp = self.tenant_policies.snapshot.lookup(req.tenant)
+        tp = self._tenant_policy(req)
         if not catalog.tiers:
             raise NoEligiblePool(
                 "no tier is available: the catalog is empty (no valid ModelPool yet)",
@@ -203,8 +271,9 @@ class RouterCore:
                     param="model",
                     code="tier_not_allowed",
                 )
+        previous = self.sessions.get(req.tenant, req.session_id) if req.session_id else None
         decision = self.policy.select(
-            DecisionContext(request=req, catalog=catalog, tenant_policy=tp)
+            DecisionContext(request=req, catalog=catalog, tenant_policy=tp, previous_tier=previous)
         )
         tier = clamp_tier(decision.tier, catalog.names, tp)
         if tier is None:
@@ -214,18 +283,67 @@ class RouterCore:
                 retry_after_s=self.settings.pool_client.breaker_reset_s,
             )
         features = {**decision.features, "tenant_policy": tp.summary()}
+        reason = decision.reason
         if tier != decision.tier:
-            reason = f"{decision.reason}; {decision.tier} not allowed, nearest allowed {tier}"
-            decision = dataclasses.replace(decision, tier=tier, reason=reason, features=features)
-        else:
-            decision = dataclasses.replace(decision, features=features)
-        metrics.TIER_DEMAND_TOTAL.labels(tier).inc()  # demand, before any fallback
+            reason = f"{reason}; {decision.tier} not allowed, nearest allowed {tier}"
+        names = catalog.names
+        session_floor: str | None = None
+        if req.session_id:
+            session: dict[str, Any] = {
+                "key": session_key(req.tenant, req.session_id),
+                "previous_tier": previous,
+                "floor_tier": None,
+                "floor_applied": False,
+            }
+            if previous is not None and not req.pinned and not tp.allow_session_downgrade:
+                session_floor = _session_floor(previous, names, tp)
+                session["floor_tier"] = session_floor
+                if session_floor is not None and names.index(tier) < names.index(session_floor):
+                    reason = f"{reason}; session floor: previous turn answered at {previous}"
+                    tier = session_floor
+                    session["floor_applied"] = True
+            features["session"] = session
+        cascade = tp.cascade
+        if cascade is not None and (req.pinned or req.stream):
+            skipped = "pinned" if req.pinned else "stream"
+            features["cascade"] = {"threshold": cascade.threshold, "skipped": skipped}
+            cascade = None
+        floor = tp.quality_floor if decision.predicted and tp.quality_floor > 0 else None
+        excluded: dict[str, str] = {}
         if req.pinned or not self.settings.pool_client.fallback:
             tiers = [tier]
         else:
-            tiers = [t for t in catalog.fallback_order(tier) if tp.allows(t)]
+            tiers = [tier]
+            for t in catalog.fallback_order(tier)[1:]:
+                if not tp.allows(t):
+                    continue
+                why = _below_floors(t, names, session_floor, previous, floor, decision.predicted)
+                if why is None:
+                    tiers.append(t)
+                else:
+                    excluded[t] = why
+            if excluded:
+                features["fallback_excluded"] = excluded
+        if tier != decision.tier:  # the tier the policy drew (its propensity is of that one)
+            features["policy_tier"] = decision.tier
+        decision = dataclasses.replace(decision, tier=tier, reason=reason, features=features)
+        metrics.TIER_DEMAND_TOTAL.labels(tier).inc()  # demand, before any fallback
         metrics.DECISION_SECONDS.observe(time.perf_counter() - t0)
-        return decision, tiers
+        return _Route(decision, tiers, excluded, cascade, tp)
+
+    async def _complete(
+        self, route: _Route, payload: dict[str, Any], deadline: float
+    ) -> PoolResult:
+        try:
+            return await self.pools.complete(route.tiers, payload, deadline=deadline)
+        except NoEligiblePool as exc:
+            raise _refusal(route, exc) from None
+
+    async def _stream(self, route: _Route, payload: dict[str, Any], deadline: float) -> PoolStream:
+        try:
+            return await self.pools.stream(route.tiers, payload, deadline=deadline)
+        except NoEligiblePool as exc:
+            raise _refusal(route, exc) from None
 
     def _deadline(self, req: ChatRequest) -> float:
         elapsed = time.perf_counter() - req.received_at
@@ -240,8 +358,13 @@ class RouterCore:
         pool_s: float | None = None,
         usage: Usage | None = None,
         exc: BaseException | None = None,
+        answers: Sequence[PoolResult] = (),
     ) -> None:
-        """Count the request and hand its decision record to the writer (never raises)."""
+        """Count the request and hand its decision record to the writer (never raises).
+
+        ``answers``: every pool answer of a non-streamed request, first first (more than one
+        after a cascade escalated); their cost weights, pool time and tokens add up.
+        """
         total_s = time.perf_counter() - req.received_at
         if exc is None:
             outcome, error = "ok", None
@@ -251,14 +374,28 @@ class RouterCore:
             outcome, error = "error", f"{type(exc).__name__}: {exc.message}"
         else:
             outcome, error = "error", f"{type(exc).__name__}: {exc}"
+        first_tier, cost_tiers = tier, [tier]
+        prompt_tokens = usage.prompt_tokens if usage else None
+        completion_tokens = usage.completion_tokens if usage else None
+        if answers:
+            first_tier, cost_tiers = answers[0].tier, [a.tier for a in answers]
+            pool_s = sum(a.latency_s for a in answers)
+            if len(answers) > 1:
+                prompt_tokens, completion_tokens = _token_sums(answers)
         metrics.REQUESTS_TOTAL.labels(req.edge, tier, outcome).inc()
         if outcome == "ok":
             metrics.REQUEST_SECONDS.labels(tier).observe(total_s)
-            if tier != decision.tier:
+            if first_tier != decision.tier:
                 metrics.POOL_FALLBACKS_TOTAL.labels(decision.tier).inc()
+            if req.session_id:
+                self.sessions.put(req.tenant, req.session_id, tier)
         if pool_s is not None:
             metrics.GATEWAY_OVERHEAD_SECONDS.labels(req.edge).observe(max(0.0, total_s - pool_s))
-        answered = self.catalog.snapshot.get(tier)
+        cost: float | None = None
+        if outcome == "ok":
+            catalog = self.catalog.snapshot
+            weights = [t.cost_weight for t in map(catalog.get, cost_tiers) if t is not None]
+            cost = sum(weights) if weights else None
         record = DecisionRecord(
             request_id=req.request_id,
             tenant=req.tenant,
@@ -274,9 +411,9 @@ class RouterCore:
             error=error,
             latency_ms=round(total_s * 1000, 3),
             pool_latency_ms=None if pool_s is None else round(pool_s * 1000, 3),
-            cost=answered.cost_weight if answered is not None and outcome == "ok" else None,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
+            cost=cost,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             edge=req.edge,
         )
         try:
@@ -400,7 +537,62 @@ def _features(req: ChatRequest, decision: Decision) -> dict[str, Any]:
         "prompt_chars": len(req.prompt_text),
         "turn": req.turn_index,
     }
-    summary.update(decision.features)
-    if req.session_id:
-        summary["session"] = True
+    summary.update(decision.features)  # with "session" for a request of a session
     return summary
+
+
+def _session_floor(previous: str, names: Sequence[str], policy: TenantPolicy) -> str | None:
+    """The lowest tier a session's next auto turn may use: its previous answering tier, or the
+    nearest allowed tier above it; None when that tier left the catalog or none is allowed."""
+    if previous not in names:
+        return None
+    i = list(names).index(previous)
+    return next((t for t in names[i:] if policy.allows(t)), None)
+
+
+def _below_floors(
+    tier: str,
+    names: Sequence[str],
+    session_floor: str | None,
+    previous: str | None,
+    floor: float | None,
+    predicted: dict[str, float],
+) -> str | None:
+    """Why ``tier`` may not answer as a fallback (None: it may)."""
+    if session_floor is not None and names.index(tier) < names.index(session_floor):
+        return f"below the session floor {session_floor} (previous turn answered at {previous})"
+    if floor is not None:
+        p = predicted.get(tier)
+        if p is None:
+            return f"no predicted P(correct) to check against the quality floor {floor:g}"
+        if p < floor:
+            return f"predicted P(correct) {p:.3g} is below the quality floor {floor:g}"
+    return None
+
+
+def _refusal(route: _Route, exc: NoEligiblePool) -> NoEligiblePool:
+    """The pools' 503, naming the tiers the floors kept out (the same error when none were)."""
+    if not route.excluded:
+        return exc
+    left_out = "; ".join(f"{t}: {why}" for t, why in route.excluded.items())
+    tried = ", ".join(route.tiers)
+    return NoEligiblePool(
+        f"no tier that meets this request's floors can answer now: {exc.message}. Tiers "
+        f"tried: {tried}. Not tried: {left_out}. Retry after the Retry-After interval.",
+        retry_after_s=exc.retry_after_s,
+        code="no_tier_meets_floor",
+    )
+
+
+def _token_sums(answers: Sequence[PoolResult]) -> tuple[int | None, int | None]:
+    """Prompt and completion tokens over every answer (None when no answer reported them)."""
+    prompt = completion = 0
+    seen = False
+    for answer in answers:
+        raw = answer.body.get("usage")
+        usage = Usage.from_openai(raw) if isinstance(raw, dict) else None
+        if usage is not None:
+            seen = True
+            prompt += usage.prompt_tokens
+            completion += usage.completion_tokens
+    return (prompt, completion) if seen else (None, None)

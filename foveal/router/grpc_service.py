@@ -24,6 +24,7 @@ from foveal.api.v1 import router_pb2 as pb
 from foveal.api.v1 import router_pb2_grpc as pb_grpc
 from foveal.errors import FovealError, InvalidRequest
 from foveal.router.core import RouterCore
+from foveal.router.explain import CascadeExplanation, Explanation, explain_record
 from foveal.router.requests import RawImage
 from foveal.router.results import ChatDelta, ChatResult, ChatStream, Usage
 from foveal.store.records import DecisionRecord
@@ -36,6 +37,7 @@ __all__ = [
     "chat_request_args",
     "chat_response",
     "decision_record",
+    "explanation",
     "start_grpc_server",
 ]
 
@@ -218,6 +220,7 @@ def decision_record(record: DecisionRecord) -> pb.DecisionRecord:
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
         edge=record.edge,
+        explanation=explanation(explain_record(record)),
     )
     if record.created_at is not None:
         created = record.created_at
@@ -225,6 +228,48 @@ def decision_record(record: DecisionRecord) -> pb.DecisionRecord:
             created = created.replace(tzinfo=UTC)
         out.created_at.FromDatetime(created)
     return out
+
+
+def explanation(e: Explanation) -> pb.Explanation:
+    """The proto form of an explanation: unset fields where the record holds nothing."""
+    out = pb.Explanation(
+        policy=e.policy,
+        chosen_by=e.chosen_by,
+        chosen_tier=e.chosen_tier,
+        answering_tier=e.answering_tier,
+        propensity=e.propensity,
+        quality_weight=e.quality_weight,
+        quality_floor=e.quality_floor,
+        predicted=e.predicted or {},
+        cheapest_meeting_floor=e.cheapest_meeting_floor,
+        fallback_excluded=e.fallback_excluded or {},
+    )
+    if e.features_summary is not None:
+        out.features_summary.CopyFrom(_struct(e.features_summary))
+    if e.session is not None:
+        s = e.session
+        out.session.CopyFrom(
+            pb.SessionExplanation(
+                key=s.key,
+                previous_tier=s.previous_tier,
+                floor_tier=s.floor_tier,
+                floor_applied=s.floor_applied,
+            )
+        )
+    if e.cascade is not None:
+        out.cascade.CopyFrom(_cascade(e.cascade))
+    return out
+
+
+def _cascade(c: CascadeExplanation) -> pb.CascadeExplanation:
+    return pb.CascadeExplanation(
+        threshold=c.threshold,
+        first_tier=c.first_tier,
+        confidence=c.confidence,
+        escalated_to=c.escalated_to,
+        skipped=c.skipped,
+        error=c.error,
+    )
 
 
 def _answer_metadata(answer: ChatResult | ChatStream) -> tuple[tuple[str, str], ...]:

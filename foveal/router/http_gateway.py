@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from foveal import __version__, metrics
 from foveal.errors import FovealError, InvalidRequest, PayloadTooLarge, http_error_body
 from foveal.router.core import RouterCore
+from foveal.router.explain import explain_record
 from foveal.router.openai_wire import (
     load_json_object,
     parse_body,
@@ -80,9 +81,11 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 def _record_json(record: DecisionRecord) -> dict[str, Any]:
+    """The stored record as recorded, plus its ``explanation`` (explicit fields, null if absent)."""
     data = asdict(record)
     if record.created_at is not None:
         data["created_at"] = record.created_at.isoformat()
+    data["explanation"] = explain_record(record).to_json()
     return data
 
 

@@ -15,9 +15,12 @@ Lookup order for a tenant, most specific first:
 When several objects match at the same level, the one whose name sorts first wins (names
 are unique in a namespace, so the choice is deterministic and the same on every router).
 
-What is enforced today: ``allowed_tiers`` (see :func:`clamp_tier`). λ (quality weight),
-the quality floor, the GPU-seconds budget and the exploration settings are recorded in
-every decision (``features["tenant_policy"]``) for the learned policy to use.
+What the core enforces: ``allowed_tiers`` (see :func:`clamp_tier`); the quality floor on
+fallback when the policy predicts P(correct) per tier (a fallback tier must meet the floor);
+``allow_session_downgrade`` (off: the tier that answered a session's previous turn is a floor
+for its next auto-routed turn); ``cascade`` (a low-confidence answer is asked again one tier
+higher). λ (quality weight), the floor, the GPU-seconds budget and the exploration settings
+go to the policy and are recorded in every decision (``features["tenant_policy"]``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from foveal.config import TenantPolicySettings
 __all__ = [
     "SETTINGS_SOURCE",
     "WILDCARD",
+    "CascadePolicy",
     "Rejected",
     "TenantPolicies",
     "TenantPolicy",
@@ -58,6 +62,14 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class CascadePolicy:
+    """Re-ask a low-confidence answer at a higher tier (see ``foveal.router.cascade``)."""
+
+    threshold: float  # exp(mean token logprob) of the first answer below this escalates
+    max_escalations: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class TenantPolicy:
     """The resolved policy of one tenant."""
 
@@ -67,6 +79,8 @@ class TenantPolicy:
     allowed_tiers: tuple[str, ...] = ()  # empty: every tier
     gpu_seconds_budget: tuple[float, str] | None = None  # (seconds, period)
     exploration: tuple[str, float] | None = None  # (algorithm, rate)
+    allow_session_downgrade: bool = False
+    cascade: CascadePolicy | None = None
 
     @classmethod
     def from_settings(cls, s: TenantPolicySettings) -> TenantPolicy:
@@ -81,6 +95,10 @@ class TenantPolicy:
                 else None
             ),
             exploration=((s.exploration.algorithm, s.exploration.rate) if s.exploration else None),
+            allow_session_downgrade=s.allow_session_downgrade,
+            cascade=(
+                CascadePolicy(s.cascade.threshold, s.cascade.max_escalations) if s.cascade else None
+            ),
         )
 
     @classmethod
@@ -99,6 +117,12 @@ class TenantPolicy:
             exploration=(
                 (spec.exploration.algorithm, spec.exploration.rate) if spec.exploration else None
             ),
+            allow_session_downgrade=spec.allow_session_downgrade,
+            cascade=(
+                CascadePolicy(spec.cascade.threshold, spec.cascade.max_escalations)
+                if spec.cascade
+                else None
+            ),
         )
 
     def allows(self, tier: str) -> bool:
@@ -108,6 +132,7 @@ class TenantPolicy:
         """What a decision records (JSON-ready); the Explain API shows it."""
         budget = self.gpu_seconds_budget
         explore = self.exploration
+        cascade = self.cascade
         return {
             "source": self.source,
             "quality_weight": self.quality_weight,
@@ -115,6 +140,12 @@ class TenantPolicy:
             "allowed_tiers": list(self.allowed_tiers),
             "gpu_seconds_budget": ({"seconds": budget[0], "period": budget[1]} if budget else None),
             "exploration": {"algorithm": explore[0], "rate": explore[1]} if explore else None,
+            "allow_session_downgrade": self.allow_session_downgrade,
+            "cascade": (
+                {"threshold": cascade.threshold, "max_escalations": cascade.max_escalations}
+                if cascade
+                else None
+            ),
         }
 
 

@@ -87,6 +87,8 @@ def test_a_policy_records_every_knob() -> None:
                 allowedTiers=["t16", "t64"],
                 gpuSecondsBudget={"seconds": 3600, "period": "day"},
                 exploration={"algorithm": "thompson", "rate": 0.1},
+                allowSessionDowngrade=True,
+                cascade={"threshold": 0.4},
             )
         ],
         DEFAULT,
@@ -98,7 +100,34 @@ def test_a_policy_records_every_knob() -> None:
         "allowed_tiers": ["t16", "t64"],
         "gpu_seconds_budget": {"seconds": 3600.0, "period": "day"},
         "exploration": {"algorithm": "thompson", "rate": 0.1},
+        "allow_session_downgrade": True,
+        "cascade": {"threshold": 0.4, "max_escalations": 1},
     }
+    # the settings default: no downgrade of sessions, no cascade
+    assert DEFAULT.allow_session_downgrade is False and DEFAULT.cascade is None
+    configured = TenantPolicy.from_settings(
+        TenantPolicySettings(cascade={"threshold": 0.5, "max_escalations": 2})
+    )
+    assert configured.summary()["cascade"] == {"threshold": 0.5, "max_escalations": 2}
+
+
+def test_cascade_and_downgrade_knobs_are_validated() -> None:
+    bad = [
+        rp("no-threshold", ["a"], cascade={}),
+        rp("high", ["b"], cascade={"threshold": 1.5}),
+        rp("many", ["c"], cascade={"threshold": 0.5, "maxEscalations": 9}),
+        rp("flag", ["d"], allowSessionDowngrade="sometimes"),
+    ]
+    policies, rejected = policies_from_objects(bad, DEFAULT)
+    errors = {r.name: r.error for r in rejected}
+    assert set(errors) == {"no-threshold", "high", "many", "flag"}
+    assert "spec.cascade.threshold" in errors["no-threshold"]
+    assert "spec.cascade.threshold" in errors["high"]
+    assert "spec.cascade.maxEscalations" in errors["many"]
+    assert "spec.allowSessionDowngrade" in errors["flag"]
+    assert policies.lookup("a") is DEFAULT
+    with pytest.raises(ValidationError, match="cascade.threshold"):
+        TenantPolicySettings(cascade={"threshold": -0.1})
 
 
 @pytest.mark.parametrize(

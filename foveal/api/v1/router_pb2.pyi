@@ -137,7 +137,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class DecisionRecord(_message.Message):
-    __slots__ = ("request_id", "tenant", "tier", "chosen_tier", "requested_model", "policy", "reason", "propensity", "features", "predicted", "outcome", "error", "latency_ms", "pool_latency_ms", "cost", "prompt_tokens", "completion_tokens", "edge", "created_at")
+    __slots__ = ("request_id", "tenant", "tier", "chosen_tier", "requested_model", "policy", "reason", "propensity", "features", "predicted", "outcome", "error", "latency_ms", "pool_latency_ms", "cost", "prompt_tokens", "completion_tokens", "edge", "created_at", "explanation")
     class PredictedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class DecisionRecord(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     tier: str
@@ -183,4 +184,77 @@ class DecisionRecord(_message.Message):
     completion_tokens: int
     edge: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., chosen_tier: _Optional[str] = ..., requested_model: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., propensity: _Optional[float] = ..., features: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., predicted: _Optional[_Mapping[str, float]] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., latency_ms: _Optional[float] = ..., pool_latency_ms: _Optional[float] = ..., cost: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., edge: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    explanation: Explanation
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., chosen_tier: _Optional[str] = ..., requested_model: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., propensity: _Optional[float] = ..., features: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., predicted: _Optional[_Mapping[str, float]] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., latency_ms: _Optional[float] = ..., pool_latency_ms: _Optional[float] = ..., cost: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., edge: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("policy", "chosen_by", "chosen_tier", "answering_tier", "propensity", "quality_weight", "quality_floor", "predicted", "cheapest_meeting_floor", "features_summary", "session", "cascade", "fallback_excluded")
+    class PredictedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class FallbackExcludedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_BY_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_TIER_FIELD_NUMBER: _ClassVar[int]
+    ANSWERING_TIER_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    CHEAPEST_MEETING_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    chosen_by: str
+    chosen_tier: str
+    answering_tier: str
+    propensity: float
+    quality_weight: float
+    quality_floor: float
+    predicted: _containers.ScalarMap[str, float]
+    cheapest_meeting_floor: str
+    features_summary: _struct_pb2.Struct
+    session: SessionExplanation
+    cascade: CascadeExplanation
+    fallback_excluded: _containers.ScalarMap[str, str]
+    def __init__(self, policy: _Optional[str] = ..., chosen_by: _Optional[str] = ..., chosen_tier: _Optional[str] = ..., answering_tier: _Optional[str] = ..., propensity: _Optional[float] = ..., quality_weight: _Optional[float] = ..., quality_floor: _Optional[float] = ..., predicted: _Optional[_Mapping[str, float]] = ..., cheapest_meeting_floor: _Optional[str] = ..., features_summary: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., session: _Optional[_Union[SessionExplanation, _Mapping]] = ..., cascade: _Optional[_Union[CascadeExplanation, _Mapping]] = ..., fallback_excluded: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SessionExplanation(_message.Message):
+    __slots__ = ("key", "previous_tier", "floor_tier", "floor_applied")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_TIER_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_TIER_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    previous_tier: str
+    floor_tier: str
+    floor_applied: bool
+    def __init__(self, key: _Optional[str] = ..., previous_tier: _Optional[str] = ..., floor_tier: _Optional[str] = ..., floor_applied: _Optional[bool] = ...) -> None: ...
+
+class CascadeExplanation(_message.Message):
+    __slots__ = ("threshold", "first_tier", "confidence", "escalated_to", "skipped", "error")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ESCALATED_TO_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    first_tier: str
+    confidence: float
+    escalated_to: str
+    skipped: str
+    error: str
+    def __init__(self, threshold: _Optional[float] = ..., first_tier: _Optional[str] = ..., confidence: _Optional[float] = ..., escalated_to: _Optional[str] = ..., skipped: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -218,7 +218,7 @@ class PolicySettings(_Section):
     name: str = Field("rules", description="Routing policy, by registry name.")
     model_path: str | None = Field(
         None,
-        description="Sufficiency-model artifact (`.joblib`, with its `.json` beside it) of the "
+        description="Sufficiency-model artifact (`.npz`, with its `.json` beside it) of the "
         "learned policies (`model`, `linucb`, `lints`); made by `foveal router train`. "
         "Default: the model shipped with Foveal.",
     )

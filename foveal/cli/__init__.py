@@ -7,6 +7,7 @@ import json
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,9 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from foveal.cli.bench_routing import bench_routing
 from foveal.cli.logs import configure_logging
 from foveal.cli.operator import operator_app
 from foveal.cli.pool import pool_app
+from foveal.cli.router_evaluate import router_evaluate
+from foveal.cli.router_train import bench_outcomes, router_train
 from foveal.cli.vlm import vlm_app
 from foveal.config import Settings, load_settings
 
@@ -38,7 +42,11 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(config_app, name="config")
 app.add_typer(router_app, name="router")
+router_app.command("evaluate")(router_evaluate)
+router_app.command("train")(router_train)
 app.add_typer(bench_app, name="bench")
+bench_app.command("outcomes")(bench_outcomes)
+bench_app.command("routing")(bench_routing)
 app.add_typer(operator_app, name="operator")
 app.add_typer(vlm_app, name="vlm")
 app.add_typer(pool_app, name="pool")
@@ -277,12 +285,24 @@ def migrate(config: ConfigOpt = None, store: StoreOpt = None) -> None:
 def bench_overhead(
     requests: Annotated[int, typer.Option(help="Requests per measurement.")] = 2000,
     out: Annotated[Path | None, typer.Option(help="Write results as JSON here.")] = None,
+    decision_only: Annotated[
+        bool, typer.Option(help="Only the in-process decision overhead (no servers).")
+    ] = False,
 ) -> None:
-    """Gateway-added latency and throughput against a fast fake pool."""
+    """Gateway-added latency and throughput against a fast fake pool, and the router's
+    decision overhead (features + sufficiency model + bandit) for a 1024x1024 JPEG."""
+    from foveal.bench.decision import as_json, print_decision, run_decision
     from foveal.bench.overhead import run_overhead
 
     configure_logging("text", "WARNING")
-    run_overhead(requests=requests, out=out, console=console)
+    runs = [] if decision_only else run_overhead(requests=requests, out=None, console=console)
+    decision = run_decision(requests=min(requests, 2000))
+    print_decision(decision, console)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"gateway": [asdict(r) for r in runs], "decision": as_json(decision)}
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {out}")
 
 
 @bench_app.command("operator")

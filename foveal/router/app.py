@@ -12,6 +12,7 @@ import uvicorn
 from foveal.config import Settings
 from foveal.pools.catalog import Catalog, CatalogHolder
 from foveal.pools.client import PoolClient
+from foveal.router import bandit_policy as _bandit_policies  # noqa: F401 (registers them)
 from foveal.router.auth import Authenticator
 from foveal.router.core import RouterCore
 from foveal.router.feedback_tokens import FeedbackTokens
@@ -90,6 +91,9 @@ class RouterApp:
         self.core = core = build_core(self.settings)
         await asyncio.to_thread(core.store.migrate)
         await core.writer.start()
+        bind_store = getattr(core.policy, "bind_store", None)
+        if bind_store is not None:  # learning policies load (and later save) their state
+            await asyncio.to_thread(bind_store, core.store)
         if self.settings.catalog.source == "kubernetes":
             self._watcher = KubeWatcher(
                 self.settings.catalog,
@@ -142,6 +146,9 @@ class RouterApp:
             if self.core.builder.fetcher is not None:
                 await self.core.builder.fetcher.close()
             await self.core.writer.close()
+            close_policy = getattr(self.core.policy, "close", None)
+            if close_policy is not None:  # writes what a learning policy has not saved yet
+                await asyncio.to_thread(close_policy)
             await asyncio.to_thread(self.core.store.close)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import logging
 import warnings
@@ -31,6 +32,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from foveal.config import LimitsSettings
 from foveal.errors import InvalidRequest
+from foveal.router.features import preview_image
 from foveal.router.requests import ImagePart, RawImage
 
 if TYPE_CHECKING:
@@ -70,10 +72,10 @@ def image_from_bytes(
     built from the detected format."""
     im, part = _probe(data, limits, param=param, data_uri=data_uri)
     try:
-        _decode(im, param=param)
+        preview = _decode(im, param=param)
     finally:
         im.close()
-    return part
+    return dataclasses.replace(part, preview=preview)
 
 
 def image_from_data_uri(uri: str, limits: LimitsSettings, *, param: str) -> ImagePart:
@@ -125,12 +127,12 @@ async def _validate(
     im, part = _probe(data, limits, param=param, data_uri=data_uri)
     try:
         if im.width * im.height > _INLINE_MAX_PIXELS:  # after JPEG draft: the decoded size
-            await asyncio.to_thread(_decode, im, param=param)
+            preview = await asyncio.to_thread(_decode, im, param=param)
         else:
-            _decode(im, param=param)
+            preview = _decode(im, param=param)
     finally:
         im.close()
-    return part
+    return dataclasses.replace(part, preview=preview)
 
 
 def _decode_data_uri(uri: str, *, param: str) -> bytes:
@@ -208,8 +210,10 @@ def _probe(
     return im, part
 
 
-def _decode(im: ImageFile.ImageFile, *, param: str) -> None:
-    """Decode the (first frame of the) image; any failure means the data is unusable."""
+def _decode(im: ImageFile.ImageFile, *, param: str) -> Image.Image | None:
+    """Decode the (first frame of the) image; any failure means the data is unusable.
+
+    Returns the small preview the routing features read (so the image is decoded only once)."""
     try:
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -221,3 +225,8 @@ def _decode(im: ImageFile.ImageFile, *, param: str) -> None:
         raise InvalidRequest(
             "image data is corrupt or truncated", param=param, code="invalid_image"
         ) from None
+    try:
+        return preview_image(im)
+    except Exception as exc:  # an odd mode the preview cannot convert: features decode again
+        logger.debug("image preview failed: %r", exc)
+        return None

@@ -7,6 +7,7 @@ sufficiency-model and bandit policies plug in behind the same interface.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +77,15 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
     return deco
 
 
+#: Modules whose policies register themselves on import (loaded on first use, so importing
+#: this module stays cheap and free of cycles).
+BUILTIN_POLICY_MODULES = ("foveal.router.model_policy", "foveal.router.bandit_policy")
+
+
 def make_policy(settings: PolicySettings) -> Policy:
+    if settings.name not in POLICIES:
+        for module in BUILTIN_POLICY_MODULES:
+            importlib.import_module(module)
     try:
         factory = POLICIES[settings.name]
     except KeyError:

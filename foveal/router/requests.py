@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["ChatRequest", "ImagePart", "Message", "RawImage", "TextPart"]
 
@@ -22,6 +26,8 @@ class ImagePart:
     width: int
     height: int
     nbytes: int
+    # small square preview from the edge's validation decode (foveal.router.features reads it)
+    preview: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
     def pixels(self) -> int:

@@ -10,21 +10,22 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from foveal.errors import Conflict
-from foveal.store.models import ApiKey, Decision, Feedback, Tenant
+from foveal.store.models import ApiKey, Decision, Feedback, LearnedState, Tenant
 from foveal.store.records import ApiKeyInfo, DecisionRecord, FeedbackRecord, TenantRecord
 
 __all__ = ["KEY_PREFIX", "Store", "alembic_config"]
@@ -281,3 +282,92 @@ class Store:
                 ApiKeyInfo(r.prefix, r.tenant, r.created_at, r.revoked_at is not None)
                 for r in s.scalars(stmt)
             ]
+
+    # ---- learned state and logged feedback (learning policies, off-policy evaluation) ------
+
+    def get_learned_state(self, key: str) -> dict[str, Any] | None:
+        """The payload stored under ``key``, or None."""
+        with self._session() as s:
+            row = s.get(LearnedState, key)
+            return None if row is None else dict(row.payload)
+
+    def put_learned_state(
+        self, key: str, tenant: str | None, policy: str, payload: dict[str, Any]
+    ) -> None:
+        """Insert or replace the payload under ``key`` (one statement: no read-modify-write)."""
+        values = {
+            "key": key,
+            "tenant": tenant,
+            "policy": policy,
+            "payload": payload,
+            "updated_at": _now(),
+        }
+        changed = {k: values[k] for k in ("tenant", "policy", "payload", "updated_at")}
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            pg = postgresql.insert(LearnedState).values(**values)
+            stmt: Any = pg.on_conflict_do_update(index_elements=["key"], set_=changed)
+        elif dialect == "sqlite":
+            lite = sqlite.insert(LearnedState).values(**values)
+            stmt = lite.on_conflict_do_update(index_elements=["key"], set_=changed)
+        else:  # pragma: no cover - the store runs on SQLite and PostgreSQL only
+            raise RuntimeError(f"no upsert for the {dialect} dialect")
+        with self._session.begin() as s:
+            s.execute(stmt)
+
+    def list_learned_state(self, policy: str) -> dict[str, dict[str, Any]]:
+        """Every payload of ``policy``, by key."""
+        stmt = select(LearnedState.key, LearnedState.payload).where(LearnedState.policy == policy)
+        with self._session() as s:
+            return {key: dict(payload) for key, payload in s.execute(stmt)}
+
+    def iter_decisions_with_feedback(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        tenant: str | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[tuple[DecisionRecord, FeedbackRecord]]:
+        """Decisions that got feedback, oldest first, read ``page_size`` rows at a time.
+
+        Pages follow (created_at, request_id) from the last row seen (keyset pagination), so
+        memory stays bounded and rows written meanwhile neither repeat nor shift pages.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        base = select(Decision, Feedback).join(
+            Feedback,
+            and_(Feedback.request_id == Decision.request_id, Feedback.tenant == Decision.tenant),
+        )
+        if since is not None:
+            base = base.where(Decision.created_at >= since)
+        if until is not None:
+            base = base.where(Decision.created_at < until)
+        if tenant is not None:
+            base = base.where(Decision.tenant == tenant)
+        after: tuple[datetime, str] | None = None
+        while True:
+            stmt = base
+            if after is not None:
+                stmt = stmt.where(
+                    or_(
+                        Decision.created_at > after[0],
+                        and_(Decision.created_at == after[0], Decision.request_id > after[1]),
+                    )
+                )
+            stmt = stmt.order_by(Decision.created_at, Decision.request_id).limit(page_size)
+            with self._session() as s:
+                rows = [
+                    (
+                        _decision_record(d),
+                        FeedbackRecord(f.request_id, f.tenant, f.score, f.created_at),
+                    )
+                    for d, f in s.execute(stmt)
+                ]
+            yield from rows
+            if len(rows) < page_size:
+                return
+            last = rows[-1][0]
+            assert last.created_at is not None
+            after = (last.created_at, last.request_id)

@@ -215,7 +215,11 @@ class PoolClientSettings(_Section):
 
 
 class PolicySettings(_Section):
-    name: str = Field("rules", description="Routing policy, by registry name.")
+    name: str = Field(
+        "model",
+        description="Routing policy, by registry name: model (the sufficiency model under the "
+        "tenant policy), linucb or lints (bandits warm-started from it), rules.",
+    )
     model_path: str | None = Field(
         None,
         description="Sufficiency-model artifact (`.npz`, with its `.json` beside it) of the "

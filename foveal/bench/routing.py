@@ -79,6 +79,9 @@ class StrategyResult:
     gap_closed: float | None  # (acc - best fixed) / (oracle - best fixed)
     pool_seconds: float  # absolute, summed
     extra: dict[str, Any] = field(default_factory=dict)
+    cost_tokens: float = 0.0  # mean visual tokens per request / the top tier's (the policy's cost)
+    utility: float = 0.0  # accuracy - λ·cost_tokens: what the policy maximises
+    gap_closed_utility: float | None = None  # the gap of the utility (best fixed by utility)
 
 
 def summarise(
@@ -246,7 +249,7 @@ def run_routing(
             progress.remove_task(task)
             acc = sum(a.correct for a in answers) / len(answers)
             console.print(f"  {label:24s} accuracy {acc:6.1%}")
-    result = assemble(served, engine, flops, samples, seed=seed)
+    result = assemble(served, engine, flops, samples, seed=seed, quality_weight=quality_weight)
     if shift_events:
         console.print(f"workload shift: 2 x {shift_events} feedback events (replayed answers)")
         result["shift"] = shift_run(served, samples, quality_weight, shift_events, seed)
@@ -273,6 +276,7 @@ def assemble(
     samples: Sequence[Any],
     *,
     seed: int = 0,
+    quality_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Strategy results from the served answers (pinned passes + routed strategies)."""
     table: dict[int, dict[str, Outcome]] = {}
@@ -316,6 +320,17 @@ def assemble(
             )
         )
     results.append(res("oracle", "table", derived["oracle"]))
+    outcomes_of = {r.name: _outs_of(r.name, served, table, derived, flops) for r in results}
+    top_tokens = int(TOP[1:])
+    for r in results:
+        outs = outcomes_of[r.name]
+        r.cost_tokens = sum(int(t[1:]) for o in outs for t in o.attempts) / (len(outs) * top_tokens)
+        r.utility = r.accuracy - quality_weight * r.cost_tokens
+    fixed_u = max(r.utility for r in results if r.name.startswith("fixed "))
+    oracle_u = next(r.utility for r in results if r.name == "oracle")
+    for r in results:
+        gap_u = oracle_u - fixed_u
+        r.gap_closed_utility = (r.utility - fixed_u) / gap_u if gap_u > 1e-9 else None
     families = sorted({getattr(s, "family", "?") for s in samples})
     per_family = {r.name: _per_family(r.name, served, table, samples, derived) for r in results}
     return {
@@ -327,6 +342,20 @@ def assemble(
         "targets": targets(results),
         "engine_s_per_request": per_request,
     }
+
+
+def _outs_of(
+    name: str,
+    served: dict[str, list[Answer]],
+    table: dict[int, dict[str, Outcome]],
+    derived: dict[str, list[Outcome]],
+    flops: dict[str, float],
+) -> list[Outcome]:
+    if name.startswith("fixed "):
+        return [table[i][name.split()[1]] for i in sorted(table)]
+    if name in derived:
+        return derived[name]
+    return _outcomes(served[name], flops)
 
 
 def _per_family(
@@ -362,10 +391,16 @@ def targets(results: Sequence[StrategyResult]) -> dict[str, Any]:
             "cost_engine_s": round(r.cost_engine_s, 4),
             "cost_flops": round(r.cost_flops, 4),
             "gap_closed": None if r.gap_closed is None else round(r.gap_closed, 4),
+            "gap_closed_utility": (
+                None if r.gap_closed_utility is None else round(r.gap_closed_utility, 4)
+            ),
             "meets_97pct_at_30pct_engine_s": r.pct_of_top >= 0.97 and r.cost_engine_s <= 0.30,
             "meets_97pct_at_30pct_flops": r.pct_of_top >= 0.97 and r.cost_flops <= 0.30,
             "meets_97pct_at_30pct_pool_wall_s": r.pct_of_top >= 0.97 and r.cost_pool_s <= 0.30,
-            "meets_60pct_gap": r.gap_closed is not None and r.gap_closed >= 0.60,
+            "meets_60pct_gap_accuracy": r.gap_closed is not None and r.gap_closed >= 0.60,
+            "meets_60pct_gap_utility": (
+                r.gap_closed_utility is not None and r.gap_closed_utility >= 0.60
+            ),
         }
     return out
 
@@ -418,7 +453,9 @@ def print_routing(result: dict[str, Any], console: Console) -> None:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for t in TIERS:
         table.add_column(t, justify="right")
-    table.add_column("gap closed", justify="right")
+    table.add_column("gap closed (acc)", justify="right")
+    table.add_column("utility", justify="right")
+    table.add_column("gap closed (utility)", justify="right")
     for r in result["strategies"]:
         gap = r["gap_closed"]
         table.add_row(
@@ -430,6 +467,8 @@ def print_routing(result: dict[str, Any], console: Console) -> None:
             f"{r['cost_flops']:.3f}",
             *(f"{100 * r['share'][t]:.0f}" for t in TIERS),
             "-" if gap is None else f"{100 * gap:.0f}%",
+            f"{r['utility']:.3f}",
+            "-" if r["gap_closed_utility"] is None else f"{100 * r['gap_closed_utility']:.0f}%",
         )
     console.print(table)
 

@@ -12,7 +12,7 @@ from foveal.cli.logs import configure_logging
 
 __all__ = ["bench_routing"]
 
-console = Console()
+console = Console(width=170)  # the strategy table is wide
 
 
 def bench_routing(

@@ -85,9 +85,17 @@ def test_gap_closed_is_relative_to_best_fixed_and_oracle() -> None:
         Answer(1, "t1", "t1", "x", False, 0.01, 1.0, None)
     ]
     engine = {k: dict.fromkeys(TIERS, 0.01) for k in served}
-    res = assemble(served, engine, dict.fromkeys(TIERS, 1.0), [_S("a"), _S("a")])
+    res = assemble(
+        served, engine, dict.fromkeys(TIERS, 1.0), [_S("a"), _S("a")], quality_weight=0.1
+    )
     by = {r["name"]: r for r in res["strategies"]}
     assert by["oracle"]["accuracy"] == 1.0
+    assert by["oracle"]["cost_tokens"] == pytest.approx((1 + 256) / 512)
+    assert by["oracle"]["utility"] == pytest.approx(1.0 - 0.1 * (1 + 256) / 512)
+    # by utility the best fixed tier is t1 (same accuracy as t256, far cheaper)
+    assert by["fixed t1"]["gap_closed_utility"] == pytest.approx(0.0)
+    assert by["fixed t256"]["gap_closed_utility"] < 0
+    assert by["oracle"]["gap_closed_utility"] == pytest.approx(1.0)
     assert by["fixed t1"]["gap_closed"] == pytest.approx(0.0)  # best fixed: 50%
     assert by["oracle"]["gap_closed"] == pytest.approx(1.0)
     assert by["half"]["gap_closed"] == pytest.approx(0.0)

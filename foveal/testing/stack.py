@@ -192,7 +192,9 @@ async def running_stack(
     """A whole stack on 127.0.0.1 port 0 with a fresh SQLite store (or ``store_url``).
 
     Local pools are fake unless ``pool_backend`` says otherwise (``None``: each tier's
-    ``backend``). ``overrides`` are nested settings, e.g. ``auth={"enabled": True}``.
+    ``backend``). ``overrides`` are nested settings, e.g. ``auth={"enabled": True}``. The stack
+    routes with the rule policy unless ``policy={"name": ...}`` overrides it: fake pools answer
+    canned text, so the learned default would route on signal that is not there.
     """
     with tempfile.TemporaryDirectory(prefix="foveal-stack-") as tmp:
         base: dict[str, Any] = {
@@ -207,6 +209,7 @@ async def running_stack(
                 "breaker_reset_s": 1.0,
                 "request_timeout_s": 10.0,
             },
+            "policy": {"name": "rules"},
         }
         stack = LocalStack(load_settings(**_merge(base, overrides)), pool_backend=pool_backend)
         try:

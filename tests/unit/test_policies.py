@@ -72,6 +72,9 @@ def test_decision_carries_reason_features_and_propensity() -> None:
 
 def test_registry() -> None:
     assert "rules" in POLICIES
-    assert isinstance(make_policy(PolicySettings()), RulePolicy)
+    assert isinstance(make_policy(PolicySettings(name="rules")), RulePolicy)
+    # the learned policies register themselves on first use; the model is the default
+    assert type(make_policy(PolicySettings())).__name__ == "ModelPolicy"
+    assert {"model", "linucb", "lints"} <= set(POLICIES)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy(PolicySettings(name="nope"))

@@ -12,12 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -30,8 +24,8 @@ import aiohttp
 import yaml
 from PIL import Image
 
-from foveal.bench.suite.dataset import answers_match
-from foveal.bench.tiers import _free_port, pool_server
+from foveal.bench.suite.dataset import answers_match, encode_png
+from foveal.bench.tiers import _free_port, foveal_subprocess, pool_server
 
 __all__ = ["Answer", "RouterClient", "image_data_uri", "reference_pools", "router_server"]
 
@@ -39,9 +33,7 @@ TIERS: tuple[str, ...] = ("t1", "t4", "t16", "t64", "t256")
 
 
 def image_data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
 
 
 @contextmanager
@@ -85,34 +77,8 @@ def router_server(config: dict[str, Any], workdir: Path) -> Iterator[str]:
     path = workdir / f"router-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{config['gateway']['port']}"
-    with tempfile.TemporaryFile() as log:
-        cmd = [sys.executable, "-m", "foveal", "router", "serve", "--config", str(path)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"router exited with {proc.returncode}: {tail}")
-                try:
-                    with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"router at {url} not ready after 60 s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
+    with foveal_subprocess(("foveal", "router", "serve", "--config", str(path)), url, "/readyz"):
+        yield url
 
 
 @dataclass

@@ -74,29 +74,25 @@ def pool_server(
     """A `foveal pool serve` subprocess on a free loopback port; yields its base URL."""
     port = _free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "foveal",
-        "pool",
-        "serve",
-        "--tier",
-        tier,
-        "--mechanism",
-        mechanism,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--checkpoint",
-        str(checkpoint),
-        "--threads",
-        str(threads),
+        *("foveal", "pool", "serve", "--tier", tier, "--mechanism", mechanism),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--checkpoint", str(checkpoint), "--threads", str(threads)),
     ]
+    with foveal_subprocess(cmd, f"http://127.0.0.1:{port}", "/health") as url:
+        yield url
+
+
+@contextmanager
+def foveal_subprocess(
+    args: Sequence[str], url: str, ready_path: str, timeout_s: float = 60.0
+) -> Iterator[str]:
+    """`python -m <args>` until `url + ready_path` answers 200; SIGTERM (then SIGKILL) after.
+
+    Its output goes to a temporary file, quoted in the error if it exits before it is ready."""
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(url, proc, log)
+            _wait_ready(url + ready_path, proc, log, timeout_s)
             yield url
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -107,9 +103,7 @@ def pool_server(
                 proc.wait()
 
 
-def _wait_healthy(
-    url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 60.0
-) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
@@ -117,15 +111,15 @@ def _wait_healthy(
         if proc.poll() is not None:
             log.seek(0)
             err = log.read().decode(errors="replace")
-            raise RuntimeError(f"pool server exited with {proc.returncode}: {err[-2000:]}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}: {err[-2000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"pool server at {url} not healthy after {timeout_s:.0f}s")
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
 def _body(image: Image.Image, question: str) -> dict[str, Any]:

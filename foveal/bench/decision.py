@@ -22,7 +22,7 @@ from foveal.config import LimitsSettings, PolicySettings, TierSettings
 from foveal.pools.catalog import Catalog
 from foveal.router.images import image_from_data_uri
 from foveal.router.policies import DecisionContext, Reward, make_policy
-from foveal.router.requests import ChatRequest, Message, TextPart
+from foveal.router.requests import ChatRequest, image_question
 from foveal.router.tenant_policy import TenantPolicy
 
 __all__ = ["DecisionTiming", "print_decision", "run_decision"]
@@ -79,13 +79,7 @@ def run_decision(*, requests: int = 1000, size: int = 1024) -> list[DecisionTimi
     out.append(_stats(f"edge validation ({size}x{size} JPEG, draft decode)", "-", validate))
 
     def request(n: int, prompt: str) -> ChatRequest:
-        return ChatRequest(
-            request_id=f"bench-{n}",
-            tenant="bench",
-            model="auto",
-            messages=(Message("user", (part, TextPart(prompt))),),
-            max_tokens=16,
-        )
+        return image_question(part, prompt, request_id=f"bench-{n}", tenant="bench")
 
     for name in POLICIES:
         for mode in ("repeated", "distinct"):

@@ -34,7 +34,7 @@ from foveal.config import LimitsSettings, PolicySettings, TierSettings
 from foveal.pools.catalog import Catalog
 from foveal.router.images import image_from_bytes
 from foveal.router.policies import DecisionContext, Policy, Reward, make_policy
-from foveal.router.requests import ChatRequest, Message, TextPart
+from foveal.router.requests import ChatRequest, image_question
 from foveal.router.tenant_policy import TenantPolicy
 
 __all__ = ["PHASES", "ShiftResult", "run_shift"]
@@ -62,13 +62,7 @@ class ShiftResult:
 def _request(image_uri: str, question: str, n: int) -> ChatRequest:
     data = base64.b64decode(image_uri.split(",", 1)[1])
     part = image_from_bytes(data, LimitsSettings(), param="image")
-    return ChatRequest(
-        request_id=f"shift-{n}",
-        tenant="bench",
-        model="auto",
-        messages=(Message("user", (part, TextPart(question))),),
-        max_tokens=16,
-    )
+    return image_question(part, question, request_id=f"shift-{n}", tenant="bench")
 
 
 def _stream(families: Sequence[str], events_per_phase: int, seed: int) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ChatRequest", "ImagePart", "Message", "RawImage", "TextPart"]
+__all__ = ["ChatRequest", "ImagePart", "Message", "RawImage", "TextPart", "image_question"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +87,17 @@ class ChatRequest:
     @property
     def pinned(self) -> bool:
         return self.model != "auto"
+
+
+def image_question(
+    part: ImagePart, question: str, *, request_id: str, tenant: str, max_tokens: int = 16
+) -> ChatRequest:
+    """An auto-routed one-turn request: one validated image and a question (training rows,
+    benchmarks and replays build the request a client would have sent)."""
+    return ChatRequest(
+        request_id=request_id,
+        tenant=tenant,
+        model="auto",
+        messages=(Message("user", (part, TextPart(question))),),
+        max_tokens=max_tokens,
+    )

@@ -48,7 +48,7 @@ from foveal.router.features import (
     RequestFeatures,
 )
 from foveal.router.images import image_from_bytes
-from foveal.router.requests import ChatRequest, Message, TextPart
+from foveal.router.requests import ChatRequest, image_question
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -183,13 +183,7 @@ def _outcome(obj: Any, base: Path, images: dict[str, bytes]) -> Outcome:
 def request_from_outcome(o: Outcome, request_id: str = "train") -> ChatRequest:
     """The request a client would have sent for this row, validated by the edge's own code."""
     part = image_from_bytes(o.image, _LIMITS, param="image")
-    return ChatRequest(
-        request_id=request_id,
-        tenant="train",
-        model="auto",
-        messages=(Message("user", (part, TextPart(o.question))),),
-        max_tokens=16,
-    )
+    return image_question(part, o.question, request_id=request_id, tenant="train")
 
 
 # -- training sets --------------------------------------------------------------------------

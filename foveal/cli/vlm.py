@@ -26,7 +26,7 @@ def train(
     out: Annotated[
         Path | None, typer.Option(help="Checkpoint to write (default: the shipped one).")
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 4000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 9000,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the schedule and the samples.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,

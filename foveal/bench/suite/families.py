@@ -324,11 +324,48 @@ def _document(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Imag
     )
 
 
+def _chart_geometry(size: int, n: int) -> tuple[int, int, float, int, int]:
+    """(plot top, plot bottom = baseline, slot width, bar width, label cap height)."""
+    plot_top, plot_bottom = round(size * 0.08), round(size * 0.82)
+    slot = (size - 8) / n
+    bar_w = max(2, round(slot * 0.6))
+    cap = fit_cap_height(list(BAR_LABELS[:n]), max(4, round(size * 0.09)), bar_w + 4)
+    return plot_top, plot_bottom, slot, bar_w, cap
+
+
+def _bar_left(i: int, slot: float, bar_w: int) -> int:
+    return round(4 + i * slot + (slot - bar_w) / 2)
+
+
+def chart_layout(sample: Sample) -> list[tuple[str, float, float, float, int]]:
+    """Every bar of a chart sample as (label, centre x, label centre y, bar middle y, rank).
+
+    `rank` is 1 for the tallest bar, 2 for the shortest, 3 for the others; empty for other
+    families. Recomputed from the sample's params with the generator's own geometry.
+    """
+    if sample.family != "chart":
+        return []
+    p = sample.params
+    heights = p["heights"]
+    _, bottom, slot, bar_w, cap = _chart_geometry(p["size"], len(heights))
+    top, low = max(heights), min(heights)
+    return [
+        (
+            label,
+            _bar_left(i, slot, bar_w) + bar_w / 2,
+            bottom + 3 + cap / 2,
+            bottom - h / 2,
+            1 if h == top else 2 if h == low else 3,
+        )
+        for i, (label, h) in enumerate(zip(p["labels"], heights, strict=True))
+    ]
+
+
 def _chart(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, str, str, dict]:
     n = int(rng.integers(3, 6))
     labels = BAR_LABELS[:n]
     tallest = bool(rng.random() < 0.5)
-    plot_top, plot_bottom = round(size * 0.08), round(size * 0.82)
+    plot_top, plot_bottom, slot, bar_w, cap = _chart_geometry(size, n)
     span = plot_bottom - plot_top
     gap = max(1, round(lerp(0.35, 0.02, d) * span))
     target = int(rng.integers(n))
@@ -341,14 +378,11 @@ def _chart(rng: np.random.Generator, size: int, d: float) -> tuple[Image.Image, 
     others = [runner, *rest]
     others = [others[i] for i in rng.permutation(len(others))]
     heights = others[:target] + [extreme] + others[target:]
-    slot = (size - 8) / n
-    bar_w = max(2, round(slot * 0.6))
-    cap = fit_cap_height(list(labels), max(4, round(size * 0.09)), bar_w + 4)
     image = new_canvas(size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     colours = [COLOUR_NAMES[i] for i in rng.choice(len(COLOUR_NAMES), size=n, replace=False)]
     for i, (h, colour) in enumerate(zip(heights, colours, strict=True)):
-        x0 = round(4 + i * slot + (slot - bar_w) / 2)
+        x0 = _bar_left(i, slot, bar_w)
         draw.rectangle((x0, plot_bottom - h, x0 + bar_w - 1, plot_bottom - 1), fill=PALETTE[colour])
         lw = text_extent(labels[i], cap)[2] - text_extent(labels[i], cap)[0]
         draw_text(image, labels[i], x0 + (bar_w - lw) // 2, plot_bottom + 3, cap, INK)

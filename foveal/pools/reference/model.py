@@ -29,7 +29,18 @@ GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:"
 #: Auxiliary dense heads on the encoder's patch grid: name -> classes (class 0 = nothing there).
 #: glyph: which character; order: its index in the askable string (+1); group: which string it
 #: belongs to (the OCR word or a document field, +1); object: shape x colour of a scene object.
-AUX_HEADS: dict[str, int] = {"glyph": len(GLYPHS) + 1, "order": 9, "group": 10, "object": 25}
+#: count: how many objects of its own shape the image holds (at each object); bar: the rank of a
+#: chart bar (1 tallest, 2 shortest, 3 other) at its label and its middle.
+AUX_HEADS: dict[str, int] = {
+    "glyph": len(GLYPHS) + 1,
+    "order": 9,
+    "group": 10,
+    "object": 25,
+    "count": 11,
+    "bar": 4,
+}
+#: Decoder layers whose attention head 0 is trained as a pointer to the evidence (see loss()).
+POINTER_LAYERS: tuple[int, ...] = (2, 3)
 _MEAN = (0.5, 0.5, 0.5)
 _STD = (0.25, 0.25, 0.25)
 
@@ -42,6 +53,7 @@ class VLMConfig:
     n_heads: int = 4
     vision_layers: int = 2
     lm_layers: int = 4
+    fuse_layers: int = 1
     mlp_ratio: int = 4
     max_text: int = 64
     vocab_size: int = 0  # set from the tokenizer
@@ -56,6 +68,28 @@ class VLMConfig:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class Fuse(nn.Module):
+    """Question-conditioned update of every visual token (FiLM, then a residual MLP).
+
+    Each token can test locally whether it holds what the question asks about ("am I a
+    circle?", "am I a glyph of the DATE field?"), so the decoder's attention only has to
+    gather the tokens that said yes instead of learning that match through its queries.
+    Starts as the identity (the modulation is zero-initialised).
+    """
+
+    def __init__(self, d: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.film = nn.Linear(d, 2 * d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d)
+        )
+
+    def forward(self, vis: Tensor, question: Tensor) -> Tensor:
+        gamma, beta = self.film(question).unsqueeze(1).chunk(2, dim=-1)
+        return vis + self.mlp(self.ln(vis) * (1 + gamma) + beta)
 
 
 class Block(nn.Module):
@@ -78,7 +112,10 @@ class Block(nn.Module):
         mask: Tensor | None = None,
         past: tuple[Tensor, Tensor] | None = None,
         cls_scores: bool = False,
+        head0: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+        """(output, (keys, values), scores): scores are the [CLS] query's attention over the
+        other keys (`cls_scores`) or head 0's attention probabilities (B, n, keys) (`head0`)."""
         b, n, d = x.shape
         h = self.heads
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
@@ -89,6 +126,11 @@ class Block(nn.Module):
         if cls_scores:  # attention of query 0 ([CLS]) over the other keys, averaged over heads
             att = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(d // h)
             scores = att.softmax(-1).mean(1)[:, 0, 1:]
+        elif head0:
+            att = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(d // h)
+            if mask is not None:
+                att = att.masked_fill(~mask[:, 0], float("-inf"))
+            scores = att.float().softmax(-1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(y.transpose(1, 2).reshape(b, n, d))
         x = x + self.mlp(self.ln2(x))
@@ -127,6 +169,8 @@ class ReferenceVLM(nn.Module):
         )
         self.vision_ln = nn.LayerNorm(d)
         self.project = nn.Linear(d, d)
+        self.question = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.fuse = nn.ModuleList(Fuse(d, c.mlp_ratio) for _ in range(c.fuse_layers))
         # Auxiliary training head: which glyph (if any) is centred under each patch token. Dense
         # supervision that teaches the encoder to see characters long before the decoder has
         # learnt where to look for them (reading otherwise sits on a loss plateau for hours).
@@ -144,6 +188,8 @@ class ReferenceVLM(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
+        for f in self.fuse:
+            nn.init.zeros_(f.film.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -193,6 +239,15 @@ class ReferenceVLM(nn.Module):
 
     # -- decoder ------------------------------------------------------------------------------
 
+    def fuse_question(self, vis: Tensor, text: Tensor, valid: Tensor) -> Tensor:
+        """Visual tokens updated by the question (the mean embedding of the text before SEP)."""
+        asks = (valid & (self.answer_positions(text) < 0)).unsqueeze(-1).float()
+        bag = (self.tok_emb(text) * asks).sum(1) / asks.sum(1).clamp(min=1.0)
+        q = self.question(bag)
+        for f in self.fuse:
+            vis = f(vis, q)
+        return vis
+
     def _decode(
         self,
         vis: Tensor,
@@ -202,10 +257,12 @@ class ReferenceVLM(nn.Module):
         rel: Tensor,
         past: list[tuple[Tensor, Tensor]] | None = None,
         key_valid: Tensor | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Hidden states of `text` positions; `vis` is empty when a cache is given.
+        pointer_layers: tuple[int, ...] = (),
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[Tensor]]:
+        """(hidden states of `text` positions, KV cache, head-0 attention of `pointer_layers`).
 
-        `pos` are text positions, `rel` positions within the answer (-1 before the SEP).
+        `vis` is empty when a cache is given. `pos` are text positions, `rel` positions within
+        the answer (-1 before the SEP). The attention maps are (B, text, visual tokens).
         """
         top = self.config.max_text - 1
         x = self.tok_emb(text) + self.text_pos(pos.clamp(max=top))
@@ -222,11 +279,16 @@ class ReferenceVLM(nn.Module):
             assert key_valid is not None
             mask = key_valid[:, None, :].expand(b, n, -1)
         cache = []
+        maps = []
+        k = vis.shape[1]
         for j, blk in enumerate(self.lm):
-            x, kv, _ = blk(x, mask[:, None], None if past is None else past[j])
+            want = past is None and j in pointer_layers
+            x, kv, att = blk(x, mask[:, None], None if past is None else past[j], head0=want)
             cache.append(kv)
+            if att is not None:
+                maps.append(att[:, k:, :k])
         h = self.lm_ln(x)
-        return (h if past is not None else h[:, vis.shape[1] :]), cache
+        return (h if past is not None else h[:, k:]), cache, maps
 
     @staticmethod
     def answer_positions(text: Tensor) -> Tensor:
@@ -247,25 +309,44 @@ class ReferenceVLM(nn.Module):
         mechanism: str,
         dense: dict[str, Tensor] | None = None,
         aux_weight: float = 0.5,
+        pointers: Tensor | None = None,
+        pointer_weight: float = 0.5,
     ) -> Tensor:
         """Answer cross-entropy of `targets` (-100 = ignored) given left-padded `text` (B, T).
 
         `dense` maps auxiliary heads (:data:`AUX_HEADS`) to class targets (B, g, g) on the
         encoder's token grid (-100 = ignored); their cross-entropies are added x `aux_weight`.
+        `pointers` (B, T, k) marks, for text positions that predict an answer token, the visual
+        tokens holding the evidence for it (the glyph to read, the object asked about); head 0
+        of the decoder's :data:`POINTER_LAYERS` is trained to put its attention there
+        (-log of the attention mass on them, x `pointer_weight`).
         """
         vis, grid = self.visual_tokens(images, k, mechanism)
+        vis = self.fuse_question(vis, text, valid)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        hidden, _ = self._decode(vis, text, valid, pos, self.answer_positions(text))
-        logits = self.logits(hidden).flatten(0, 1)
+        layers = POINTER_LAYERS if pointers is not None else ()
+        hidden, _, maps = self._decode(
+            vis, text, valid, pos, self.answer_positions(text), pointer_layers=layers
+        )
+        logits = self.logits(hidden).flatten(0, 1).float()
         loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+        parts = {"answer": float(loss.detach())}
+        if pointers is not None and bool(pointers.any()):
+            rows = pointers.any(-1)
+            for att in maps:
+                mass = (att * pointers).sum(-1)[rows]
+                loss = loss - pointer_weight * torch.log(mass + 1e-6).mean() / len(maps)
+            parts["pointer_mass"] = float(mass.detach().mean())
         for name, target in (dense or {}).items():
             if not bool((target >= 0).any()):
                 continue
             weight = torch.ones(AUX_HEADS[name], device=grid.device)
             weight[0] = 0.1  # most tokens hold nothing
-            out = self.aux_heads[name](grid).flatten(0, 1)
+            out = self.aux_heads[name](grid).flatten(0, 1).float()
             aux = F.cross_entropy(out, target.flatten(), weight=weight, ignore_index=-100)
             loss = loss + aux_weight * aux
+            parts[name] = float(aux.detach())
+        self.last_losses = parts
         return loss
 
     def encode_prompts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
@@ -290,9 +371,10 @@ class ReferenceVLM(nn.Module):
         ids, valid = self.encode_prompts(questions)
         ids, valid = ids.to(images.device), valid.to(images.device)
         vis, _ = self.visual_tokens(images, k, mechanism)
+        vis = self.fuse_question(vis, ids, valid)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         rel = self.answer_positions(ids)
-        hidden, cache = self._decode(vis, ids, valid, pos, rel)
+        hidden, cache, _ = self._decode(vis, ids, valid, pos, rel)
         b = len(questions)
         key_valid = torch.cat([torch.ones(b, k, dtype=torch.bool, device=ids.device), valid], 1)
         next_pos = pos[:, -1] + 1
@@ -312,7 +394,7 @@ class ReferenceVLM(nn.Module):
             if bool(done.all()):
                 break
             key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool)], 1)
-            last, cache = self._decode(
+            last, cache, _ = self._decode(
                 vis[:, :0],
                 tok[:, None],
                 valid[:, :1],

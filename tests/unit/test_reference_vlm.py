@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from foveal.bench.suite import generate
-from foveal.bench.suite.families import DOC_FIELDS, reading_layout
+from foveal.bench.suite.families import DOC_FIELDS, chart_layout, reading_layout
 from foveal.bench.training import (
+    Batch,
     TrainConfig,
     batches,
     dense_targets,
+    evidence,
     make_optimizer,
+    pointer_targets,
     schedule,
     train_step,
 )
@@ -152,7 +155,8 @@ def test_cached_decoding_matches_a_full_recompute(model) -> None:
             for tok in g.token_ids[:3]:
                 pos = (ok.long().cumsum(1) - 1).clamp(min=0)
                 rel = model.answer_positions(seq)
-                hidden, _ = model._decode(vis[r : r + 1], seq, ok, pos, rel)
+                fused = model.fuse_question(vis[r : r + 1], seq, ok)
+                hidden, _, _ = model._decode(fused, seq, ok, pos, rel)
                 assert int(model.logits(hidden[:, -1]).argmax()) == tok
                 seq = torch.cat([seq, torch.tensor([[tok]])], 1)
                 ok = torch.cat([ok, torch.tensor([[True]])], 1)
@@ -260,3 +264,83 @@ def test_dense_targets_follow_the_grid_and_family() -> None:
     assert bool((fine["object"][2] == -100).all()) and bool((fine["glyph"][2] == -100).all())
     coarse = dense_targets(samples, 2, 128)  # too coarse for anything
     assert all(bool((t == -100).all()) for t in coarse.values())
+
+
+def test_chart_layout_ranks_the_bars_and_evidence_is_the_asked_label() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        s = generate("chart", rng)
+        bars = chart_layout(s)
+        heights = s.params["heights"]
+        assert [b[0] for b in bars] == s.params["labels"]
+        assert bars[int(np.argmax(heights))][4] == 1 and bars[int(np.argmin(heights))][4] == 2
+        xs = [b[1] for b in bars]
+        assert xs == sorted(xs) and all(0 < x < 128 and 0 < b[2] < 128 for x, b in zip(xs, bars))
+        asked = 1 if s.params["question"] == "tallest" else 2
+        assert [b[0] for b in bars if b[4] == asked] == [s.answer]
+        (where,) = evidence(s)  # one list for the whole answer: the asked bar's label
+        assert where == [(b[1], b[2]) for b in bars if b[0] == s.answer]
+    assert chart_layout(generate("ocr", rng)) == []
+
+
+def test_count_and_bar_targets_hold_the_counts_and_ranks() -> None:
+    rng = np.random.default_rng(1)
+    counting = generate("counting", rng, difficulty=0.0)  # no distractors, big objects
+    chart = generate("chart", rng)
+    dense = dense_targets([counting, chart], 16, 128)
+    count = dense["count"][0]
+    assert set(count[count > 0].tolist()) == {int(counting.answer)}
+    assert bool((dense["count"][1] == -100).all())
+    ranks = dense["bar"][1][dense["bar"][1] > 0].tolist()
+    assert ranks.count(1) == 2 and ranks.count(2) == 2  # label and middle of each extreme bar
+
+
+def test_pointer_targets_mark_each_characters_glyph_and_nothing_else() -> None:
+    tok = Tokenizer()
+    rng = np.random.default_rng(2)
+    ocr, colour, where = generate("ocr", rng), generate("colour", rng), None
+    while where is None or where.params["variant"] != "where":
+        where = generate("position", rng)
+    samples = [ocr, colour, where]
+    _, _, targets = text_batch(
+        tok, [s.question for s in samples], [s.answer for s in samples], 64
+    )
+    ptr = pointer_targets(samples, targets, tok, 16, 128)
+    rows = (targets[0] != -100).nonzero().flatten().tolist()
+    glyphs = {i: (x, y) for _, x, y, i, _ in reading_layout(ocr)}
+    for j, pos in enumerate(rows[: len(ocr.answer)]):
+        x, y = glyphs[j]
+        assert ptr[0, pos].nonzero().flatten().tolist() == [int(y / 8) * 16 + int(x / 8)]
+    assert not bool(ptr[0, rows[-1]].any())  # EOS: nothing to look at
+    assert not bool(ptr[1].any())  # colour: the whole image is the evidence
+    asked = where.params["objects"][0]
+    cell = int(asked["cy"] / 8) * 16 + int(asked["cx"] / 8)
+    marked = {tuple(ptr[2, p].nonzero().flatten().tolist()) for p in range(ptr.shape[1])}
+    assert marked == {(), (cell,)}
+
+
+def test_pointer_supervision_moves_decoder_attention_to_the_evidence() -> None:
+    torch.manual_seed(0)
+    m = build_model(SMALL)
+    cfg = TrainConfig(steps=10, batch_size=8, lr=3e-3)
+    opt = make_optimizer(m, cfg)
+    rng = np.random.default_rng(0)
+    batch = Batch(16, "resolution", [generate("ocr", rng) for _ in range(8)])
+    train_step(m, opt, batch, cfg.lr)
+    first = m.last_losses["pointer_mass"]
+    for _ in range(30):
+        train_step(m, opt, batch, cfg.lr)
+    assert m.last_losses["pointer_mass"] > 2 * first
+
+
+def test_bf16_training_steps_stay_finite_and_learn() -> None:
+    torch.manual_seed(0)
+    m = build_model(SMALL)
+    cfg = TrainConfig(steps=10, batch_size=8, lr=3e-3)
+    opt = make_optimizer(m, cfg)
+    batch = next(batches(cfg, 0))
+    first = train_step(m, opt, batch, cfg.lr, bf16=True)
+    for _ in range(25):
+        last = train_step(m, opt, batch, cfg.lr, bf16=True)
+    assert np.isfinite(first) and last < 0.7 * first
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())

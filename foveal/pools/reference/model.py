@@ -39,8 +39,9 @@ AUX_HEADS: dict[str, int] = {
     "count": 11,
     "bar": 4,
 }
-#: Decoder layers whose attention head 0 is trained as a pointer to the evidence (see loss()).
-POINTER_LAYERS: tuple[int, ...] = (2, 3)
+#: How many of the decoder's last layers have their attention head 0 trained as a pointer to
+#: the evidence (see ReferenceVLM.loss()).
+POINTER_DEPTH = 2
 _MEAN = (0.5, 0.5, 0.5)
 _STD = (0.25, 0.25, 0.25)
 
@@ -76,7 +77,7 @@ class Fuse(nn.Module):
     Each token can test locally whether it holds what the question asks about ("am I a
     circle?", "am I a glyph of the DATE field?"), so the decoder's attention only has to
     gather the tokens that said yes instead of learning that match through its queries.
-    Starts as the identity (the modulation is zero-initialised).
+    The modulation starts at zero, so at initialisation the update ignores the question.
     """
 
     def __init__(self, d: int, mlp_ratio: int) -> None:
@@ -318,13 +319,14 @@ class ReferenceVLM(nn.Module):
         encoder's token grid (-100 = ignored); their cross-entropies are added x `aux_weight`.
         `pointers` (B, T, k) marks, for text positions that predict an answer token, the visual
         tokens holding the evidence for it (the glyph to read, the object asked about); head 0
-        of the decoder's :data:`POINTER_LAYERS` is trained to put its attention there
+        of the decoder's last :data:`POINTER_DEPTH` layers is trained to put its attention there
         (-log of the attention mass on them, x `pointer_weight`).
         """
         vis, grid = self.visual_tokens(images, k, mechanism)
         vis = self.fuse_question(vis, text, valid)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        layers = POINTER_LAYERS if pointers is not None else ()
+        n = self.config.lm_layers
+        layers = tuple(range(max(0, n - POINTER_DEPTH), n)) if pointers is not None else ()
         hidden, _, maps = self._decode(
             vis, text, valid, pos, self.answer_positions(text), pointer_layers=layers
         )

@@ -344,3 +344,23 @@ def test_bf16_training_steps_stay_finite_and_learn() -> None:
         last = train_step(m, opt, batch, cfg.lr, bf16=True)
     assert np.isfinite(first) and last < 0.7 * first
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_prefill_flops_match_the_operations_torch_counts(model) -> None:
+    """The analytic count = torch's FLOP counter on the real prefill + attention scores/values
+    (the counter does not see the fused CPU attention kernel, so those are added here)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, img = model.config, _images(1)
+    ids, valid = model.encode_prompts(["How many circles are there?"])
+    for k in (1, 16, 256):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            vis, _ = model.visual_tokens(img, k)
+            vis = model.fuse_question(vis, ids, valid)
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+            model._decode(vis, ids, valid, pos, model.answer_positions(ids))
+        seq = k + ids.shape[1]
+        attention = 4 * c.d_model * (c.vision_layers * (k + 1) ** 2 + c.lm_layers * seq**2)
+        counted = counter.get_total_flops() + attention
+        assert counted == pytest.approx(model.prefill_flops(k, text_tokens=ids.shape[1]), rel=0.02)

@@ -416,7 +416,8 @@ class ReferenceVLM(nn.Module):
     # -- cost ---------------------------------------------------------------------------------
 
     def prefill_flops(self, k: int, mechanism: str = "resolution", text_tokens: int = 12) -> int:
-        """Multiply-add FLOPs (x2) of one prefill: stem + vision encoder + decoder prompt."""
+        """Multiply-add FLOPs (x2) of one prefill: stem + vision encoder + projector + question
+        fusion + decoder prompt."""
         c, d = self.config, self.config.d_model
         n_img = k if mechanism == "resolution" else c.max_tokens
         side = square_side(n_img) * c.patch if mechanism == "resolution" else c.image_size
@@ -431,7 +432,9 @@ class ReferenceVLM(nn.Module):
 
         seq = k + text_tokens
         vision = layers(n_img + 1, c.vision_layers)
-        return 2 * (stem + vision + k * d * d + layers(seq, c.lm_layers))
+        question = 2 * d * d + c.fuse_layers * 2 * d * d  # question MLP, FiLM projections
+        fuse = c.fuse_layers * k * 2 * c.mlp_ratio * d * d
+        return 2 * (stem + vision + k * d * d + question + fuse + layers(seq, c.lm_layers))
 
 
 def build_model(config: VLMConfig | None = None) -> ReferenceVLM:

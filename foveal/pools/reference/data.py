@@ -50,16 +50,20 @@ def grid_targets(
     """(B, grid, grid) class maps: each (x, y, class) item marks the token its pixel falls in,
     other tokens get 0; rows given as None are ignored (-100)."""
     out = torch.full((len(items), grid, grid), -100, dtype=torch.long)
-    scale = grid / image_size
     for r, row in enumerate(items):
         if row is None:
             continue
         out[r] = 0
         for x, y, cls in row:
-            gx = min(grid - 1, max(0, int(x * scale)))
-            gy = min(grid - 1, max(0, int(y * scale)))
+            gx, gy = grid_cell(x, y, grid, image_size)
             out[r, gy, gx] = cls
     return out
+
+
+def grid_cell(x: float, y: float, grid: int, image_size: int) -> tuple[int, int]:
+    """(column, row) of the `grid` x `grid` token that pixel (x, y) of the image falls in."""
+    scale = grid / image_size
+    return min(grid - 1, max(0, int(x * scale))), min(grid - 1, max(0, int(y * scale)))
 
 
 def glyph_targets(

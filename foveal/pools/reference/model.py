@@ -189,8 +189,9 @@ class ReferenceVLM(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
-        for f in self.fuse:
-            nn.init.zeros_(f.film.weight)
+        for fuse in self.fuse:
+            assert isinstance(fuse, Fuse)
+            nn.init.zeros_(fuse.film.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -71,6 +71,11 @@ class VLMConfig:
         return asdict(self)
 
 
+def _mlp(d: int, ratio: int) -> nn.Sequential:
+    """The transformer feed-forward: d -> ratio*d -> d with a GELU."""
+    return nn.Sequential(nn.Linear(d, ratio * d), nn.GELU(), nn.Linear(ratio * d, d))
+
+
 class Fuse(nn.Module):
     """Question-conditioned update of every visual token (FiLM, then a residual MLP).
 
@@ -84,9 +89,7 @@ class Fuse(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(d)
         self.film = nn.Linear(d, 2 * d)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d)
-        )
+        self.mlp = _mlp(d, mlp_ratio)
 
     def forward(self, vis: Tensor, question: Tensor) -> Tensor:
         gamma, beta = self.film(question).unsqueeze(1).chunk(2, dim=-1)
@@ -103,9 +106,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d)
-        )
+        self.mlp = _mlp(d, mlp_ratio)
 
     def forward(
         self,
@@ -188,6 +189,8 @@ class ReferenceVLM(nn.Module):
         self.std: Tensor
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        #: the last training step's loss terms (answer, pointer mass, each auxiliary head)
+        self.last_losses: dict[str, float] = {}
         self.apply(self._init)
         for fuse in self.fuse:
             assert isinstance(fuse, Fuse)

@@ -176,54 +176,49 @@ def train_step(
     return float(loss.detach())
 
 
+def _object_class(shape: str, colour: str) -> int:
+    return 1 + SHAPES.index(shape) * len(COLOUR_NAMES) + COLOUR_NAMES.index(colour)
+
+
 def dense_targets(samples: Sequence[Sample], grid: int, image_size: int) -> dict[str, Any]:
     """Auxiliary class maps on the encoder's grid (see model.AUX_HEADS) for a batch.
 
-    Text is only placed on grids of 8x8 and finer (coarser ones cannot separate glyphs);
-    scene objects from 4x4 up. Samples without that kind of content are ignored (-100).
+    Text (and chart labels) is only placed on grids of 8x8 and finer (coarser ones cannot
+    separate glyphs); scene objects and bars from 4x4 up. Samples without that kind of content
+    are ignored (-100).
     """
-    glyph: list[Any] = []
-    order: list[Any] = []
-    group: list[Any] = []
-    obj: list[Any] = []
-    count: list[Any] = []
-    bar: list[Any] = []
+    maps: dict[str, list[Any]] = {name: [] for name in AUX_HEADS}
+    third = image_size / 3
     for x in samples:
         bars = chart_layout(x) if grid >= 4 else []
-        bar.append(
+        maps["bar"].append(
             [(bx, y, rank) for _, bx, ly, my, rank in bars for y in (ly, my)] if bars else None
         )
         layout = reading_layout(x) if grid >= 8 and x.family in READING else None
         if layout is None:
-            glyph.append(None)
-            order.append(None)
-            group.append(None)
+            labels = [(bx, ly, GLYPHS.find(lb) + 1) for lb, bx, ly, _, _ in bars]
+            maps["glyph"].append(labels if labels and grid >= 8 else None)
+            maps["order"].append(None)
+            maps["group"].append(None)
         else:
-            glyph.append([(gx, gy, GLYPHS.find(ch) + 1) for ch, gx, gy, _, _ in layout])
-            order.append([(gx, gy, i + 1) for _, gx, gy, i, _ in layout if 0 <= i < 8])
-            group.append([(gx, gy, g + 1) for _, gx, gy, _, g in layout])
+            maps["glyph"].append([(gx, gy, GLYPHS.find(ch) + 1) for ch, gx, gy, _, _ in layout])
+            maps["order"].append([(gx, gy, i + 1) for _, gx, gy, i, _ in layout if 0 <= i < 8])
+            maps["group"].append([(gx, gy, g + 1) for _, gx, gy, _, g in layout])
         objects = object_positions(x) if grid >= 4 else []
-        obj.append(
-            [
-                (ox, oy, 1 + SHAPES.index(sh) * len(COLOUR_NAMES) + COLOUR_NAMES.index(col))
-                for sh, col, ox, oy in objects
-            ]
-            if objects
-            else None
-        )
         per_shape = {sh: sum(o[0] == sh for o in objects) for sh in SHAPES}
         top = AUX_HEADS["count"] - 1
-        count.append(
-            [(ox, oy, min(top, per_shape[sh])) for sh, _, ox, oy in objects] if objects else None
-        )
-    return {
-        "glyph": grid_targets(glyph, grid, image_size),
-        "order": grid_targets(order, grid, image_size),
-        "group": grid_targets(group, grid, image_size),
-        "object": grid_targets(obj, grid, image_size),
-        "count": grid_targets(count, grid, image_size),
-        "bar": grid_targets(bar, grid, image_size),
-    }
+        for name, items in (
+            ("object", [(ox, oy, _object_class(sh, col)) for sh, col, ox, oy in objects]),
+            ("count", [(ox, oy, min(top, per_shape[sh])) for sh, _, ox, oy in objects]),
+            ("cell", [(ox, oy, 1 + 3 * int(oy // third) + int(ox // third)) for *_, ox, oy in objects]),
+        ):
+            maps[name].append(items or None)
+        right = None
+        if x.params.get("variant") == "left_of" and len(objects) >= 2:
+            (_, _, lx, ly), (rs, rc, _, _) = objects[0], objects[1]  # generator order: left, right
+            right = [(lx, ly, _object_class(rs, rc))]
+        maps["right"].append(right)
+    return {name: grid_targets(rows, grid, image_size) for name, rows in maps.items()}
 
 
 #: Mechanisms whose k tokens keep the image's layout as a sqrt(k) x sqrt(k) grid.

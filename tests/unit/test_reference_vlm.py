@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from foveal.bench.suite import generate
-from foveal.bench.suite.families import DOC_FIELDS, chart_layout, reading_layout
+from foveal.bench.suite.families import (
+    COLOUR_NAMES,
+    DOC_FIELDS,
+    GRID_CELLS,
+    SHAPES,
+    chart_layout,
+    object_positions,
+    reading_layout,
+)
 from foveal.bench.training import (
     Batch,
     TrainConfig,
@@ -29,7 +37,7 @@ from foveal.pools.reference.compress import (
     grid_pool,
     kcenter_indices,
 )
-from foveal.pools.reference.data import glyph_targets, image_tensor, text_batch
+from foveal.pools.reference.data import glyph_targets, grid_cell, image_tensor, text_batch
 from foveal.pools.reference.model import GLYPHS, VLMConfig, build_model
 from foveal.pools.reference.tokenizer import EOS, SEP, Tokenizer
 
@@ -261,7 +269,9 @@ def test_dense_targets_follow_the_grid_and_family() -> None:
     )
     assert bool((fine["glyph"][1] == -100).all())  # no text in a counting scene
     assert int((fine["object"][1] > 0).sum()) >= 1  # but objects
-    assert bool((fine["object"][2] == -100).all()) and bool((fine["glyph"][2] == -100).all())
+    assert bool((fine["object"][2] == -100).all()) and bool((fine["order"][2] == -100).all())
+    labels = sorted(fine["glyph"][2][fine["glyph"][2] > 0].tolist())  # a chart's bar labels
+    assert labels == sorted(GLYPHS.index(lb) + 1 for lb in samples[2].params["labels"])
     coarse = dense_targets(samples, 2, 128)  # too coarse for anything
     assert all(bool((t == -100).all()) for t in coarse.values())
 
@@ -293,6 +303,30 @@ def test_count_and_bar_targets_hold_the_counts_and_ranks() -> None:
     assert bool((dense["count"][1] == -100).all())
     ranks = dense["bar"][1][dense["bar"][1] > 0].tolist()
     assert ranks.count(1) == 2 and ranks.count(2) == 2  # label and middle of each extreme bar
+
+
+def test_cell_and_right_targets_name_the_objects_cell_and_right_neighbour() -> None:
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(40):
+        s = generate("position", rng)
+        dense = dense_targets([s], 16, 128)
+        objects = object_positions(s)
+        cells = dense["cell"][0]
+        if s.params["variant"] == "where":
+            asked = GRID_CELLS.index(s.answer) + 1
+            gx, gy = grid_cell(*objects[0][2:], 16, 128)
+            assert int(cells[gy, gx]) == asked  # the asked object's token names its 3x3 cell
+            assert bool((dense["right"][0] == -100).all())
+        else:
+            right = dense["right"][0]
+            (cls,) = right[right > 0].tolist()  # one token: the answer object
+            shape, colour = s.question.removeprefix("What is left of the ").rstrip("?").split()[::-1]
+            assert cls == 1 + SHAPES.index(shape) * len(COLOUR_NAMES) + COLOUR_NAMES.index(colour)
+            gx, gy = grid_cell(*objects[0][2:], 16, 128)
+            assert int(right[gy, gx]) == cls and " ".join(objects[0][1::-1]) == s.answer
+        seen.add(s.params["variant"])
+    assert seen == {"where", "left_of"}
 
 
 def test_pointer_targets_mark_each_characters_glyph_and_nothing_else() -> None:

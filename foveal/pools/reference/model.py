@@ -27,10 +27,12 @@ from foveal.pools.reference.tokenizer import EOS, PAD, SEP, Tokenizer
 #: Glyph classes of the auxiliary reading head (class 0 = no glyph centre under the token).
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:"
 #: Auxiliary dense heads on the encoder's patch grid: name -> classes (class 0 = nothing there).
-#: glyph: which character; order: its index in the askable string (+1); group: which string it
-#: belongs to (the OCR word or a document field, +1); object: shape x colour of a scene object.
-#: count: how many objects of its own shape the image holds (at each object); bar: the rank of a
-#: chart bar (1 tallest, 2 shortest, 3 other) at its label and its middle.
+#: glyph: which character (text and chart bar labels); order: its index in the askable string
+#: (+1); group: which string it belongs to (the OCR word or a document field, +1); object:
+#: shape x colour of a scene object. count: how many objects of its own shape the image holds
+#: (at each object); bar: the rank of a chart bar (1 tallest, 2 shortest, 3 other) at its label
+#: and its middle; cell: the 3x3 image cell an object sits in (+1, at each object); right: in a
+#: "what is left of" scene, shape x colour of the object to the right of the asked-for one.
 AUX_HEADS: dict[str, int] = {
     "glyph": len(GLYPHS) + 1,
     "order": 9,
@@ -38,6 +40,8 @@ AUX_HEADS: dict[str, int] = {
     "object": 25,
     "count": 11,
     "bar": 4,
+    "cell": 10,
+    "right": 25,
 }
 #: How many of the decoder's last layers have their attention head 0 trained as a pointer to
 #: the evidence (see ReferenceVLM.loss()).

@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 @contextmanager
 def pool_server(
-    tier: str, checkpoint: Path, mechanism: str = "resolution", threads: int = 2
+    tier: str, checkpoint: Path, mechanism: str = "resolution", threads: int = 1
 ) -> Iterator[str]:
     """A `foveal pool serve` subprocess on a free loopback port; yields its base URL."""
     port = _free_port()
@@ -191,8 +191,13 @@ def run_tiers(
     requests: int = 100,
     mechanisms: Sequence[str] = MECHANISMS,
     checkpoint: Path | None = None,
+    threads: int = 1,
     console: Console | None = None,
 ) -> dict[str, Any]:
+    """Accuracy of `checkpoint` per family x tier x mechanism, then the speed of one real pool
+    server per tier (`threads` torch threads each; 0 requests skips the speed runs)."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     console = console or Console()
     checkpoint = checkpoint or SHIPPED
     model = load_checkpoint(checkpoint)
@@ -204,9 +209,9 @@ def run_tiers(
     speeds: list[Speed] = []
     if requests:
         for k in TIERS:
-            with pool_server(f"t{k}", checkpoint) as url:
+            with pool_server(f"t{k}", checkpoint, threads=threads) as url:
                 speeds.append(measure_speed(url, f"t{k}", samples[:64], requests))
-    result = _result(model, acc, speeds, samples, mechanisms, dataset)
+    result = _result(model, acc, speeds, samples, mechanisms, dataset, threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tiers.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_tiers(result, out / "tiers.png")
@@ -221,6 +226,7 @@ def _result(
     samples: Sequence[Any],
     mechanisms: Sequence[str],
     dataset: Path | None,
+    threads: int,
 ) -> dict[str, Any]:
     fams = [f for f in FAMILIES if any(s.family == f for s in samples)]
     fams += sorted({s.family for s in samples} - set(fams))
@@ -238,7 +244,7 @@ def _result(
     return {
         "dataset": str(dataset) if dataset else "suite test split",
         "samples": len(samples),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": 2},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": threads},
         "accuracy": accuracy,
         "prefill_flops": {
             mech: {f"t{k}": model.prefill_flops(k, mech) for k in TIERS} for mech in mechanisms

@@ -347,6 +347,12 @@ def bench_tiers(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Reference-VLM checkpoint (default: the shipped one).")
     ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="torch threads of each measured pool server (the local stack runs 1)."
+        ),
+    ] = 1,
 ) -> None:
     """Accuracy per family x tier x mechanism, ms/request, req/s and FLOPs per tier."""
     from foveal.bench.tiers import run_tiers
@@ -358,6 +364,7 @@ def bench_tiers(
         per_family=per_family,
         requests=requests,
         checkpoint=checkpoint,
+        threads=threads,
         console=console,
     )
 

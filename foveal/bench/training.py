@@ -180,6 +180,11 @@ def _object_class(shape: str, colour: str) -> int:
     return 1 + SHAPES.index(shape) * len(COLOUR_NAMES) + COLOUR_NAMES.index(colour)
 
 
+def _cell_class(x: float, y: float, third: float) -> int:
+    """1 + the index (row-major, as the suite's GRID_CELLS) of the 3x3 image cell of (x, y)."""
+    return 1 + 3 * min(2, int(y // third)) + min(2, int(x // third))
+
+
 def dense_targets(samples: Sequence[Sample], grid: int, image_size: int) -> dict[str, Any]:
     """Auxiliary class maps on the encoder's grid (see model.AUX_HEADS) for a batch.
 
@@ -210,7 +215,7 @@ def dense_targets(samples: Sequence[Sample], grid: int, image_size: int) -> dict
         for name, items in (
             ("object", [(ox, oy, _object_class(sh, col)) for sh, col, ox, oy in objects]),
             ("count", [(ox, oy, min(top, per_shape[sh])) for sh, _, ox, oy in objects]),
-            ("cell", [(ox, oy, 1 + 3 * int(oy // third) + int(ox // third)) for *_, ox, oy in objects]),
+            ("cell", [(ox, oy, _cell_class(ox, oy, third)) for *_, ox, oy in objects]),
         ):
             maps[name].append(items or None)
         right = None

@@ -321,7 +321,8 @@ def test_cell_and_right_targets_name_the_objects_cell_and_right_neighbour() -> N
         else:
             right = dense["right"][0]
             (cls,) = right[right > 0].tolist()  # one token: the answer object
-            shape, colour = s.question.removeprefix("What is left of the ").rstrip("?").split()[::-1]
+            asked = s.question.removeprefix("What is left of the ").rstrip("?")
+            shape, colour = asked.split()[::-1]
             assert cls == 1 + SHAPES.index(shape) * len(COLOUR_NAMES) + COLOUR_NAMES.index(colour)
             gx, gy = grid_cell(*objects[0][2:], 16, 128)
             assert int(right[gy, gx]) == cls and " ".join(objects[0][1::-1]) == s.answer

@@ -11,7 +11,6 @@ single-use token.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -22,18 +21,13 @@ from typing import Any
 
 import aiohttp
 import yaml
-from PIL import Image
 
-from foveal.bench.suite.dataset import answers_match, encode_png
+from foveal.bench.suite.dataset import answers_match, image_data_uri
 from foveal.bench.tiers import _free_port, foveal_subprocess, pool_server
 
 __all__ = ["Answer", "RouterClient", "image_data_uri", "reference_pools", "router_server"]
 
 TIERS: tuple[str, ...] = ("t1", "t4", "t16", "t64", "t256")
-
-
-def image_data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
 
 
 @contextmanager

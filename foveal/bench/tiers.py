@@ -15,8 +15,6 @@ Writes ``DIR/tiers.json`` and ``DIR/tiers.png`` and prints a table.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import os
 import signal
@@ -38,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from foveal.bench.suite import FAMILIES, SPLIT_SEEDS, generate_suite, read_dataset
+from foveal.bench.suite.dataset import image_data_uri
 from foveal.bench.training import TIERS, EvalResult, evaluate
 from foveal.pools.reference.checkpoint import SHIPPED, load_checkpoint
 from foveal.pools.reference.compress import MECHANISMS
@@ -123,9 +122,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout
 
 
 def _body(image: Image.Image, question: str) -> dict[str, Any]:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    uri = image_data_uri(image)
     return {
         "model": "foveal-ref",
         "max_tokens": 16,

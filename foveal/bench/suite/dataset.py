@@ -78,6 +78,15 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def image_data_uri(image: Image.Image) -> str:
+    """`image` as an inline PNG data URI, as the pools and the router take it."""
+    return png_data_uri(encode_png(image))
+
+
 def write_dataset(
     samples: Iterable[Sample], out_dir: Path, *, split: str, embed: bool = False
 ) -> Path:
@@ -98,7 +107,7 @@ def write_dataset(
             seen.add(s.id)
             png = encode_png(s.image)
             if embed:
-                ref = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                ref = png_data_uri(png)
             else:
                 (out_dir / "images").mkdir(exist_ok=True)
                 (out_dir / "images" / f"{s.id}.png").write_bytes(png)

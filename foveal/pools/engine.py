@@ -99,6 +99,9 @@ class Completion:
     logprobs: list[float]  # log-probability of each token, as generated (greedy)
     prompt_tokens: int  # visual tokens + text tokens of the prompt
     finish_reason: Literal["stop", "length"]
+    #: per token, the most likely tokens at its step as (token id, log-probability), most
+    #: likely first (up to 20; the model's own choice is the first)
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -518,6 +521,7 @@ def completion_of(
         logprobs=list(gen.logprobs[: len(ids)]),
         prompt_tokens=gen.prompt_tokens,
         finish_reason=finish,
+        alternatives=list(gen.alternatives[: len(ids)]),
     )
 
 

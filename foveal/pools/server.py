@@ -14,8 +14,9 @@ queue is full, 503 once the engine drains.
 
 The reference model answers one question about one image with greedy decoding: the question is
 the text of the user messages joined by spaces (system and assistant turns are ignored), and
-``temperature``/``top_p``/``seed`` are accepted and have no effect. ``top_logprobs`` lists only
-the generated token (the model reports no alternatives).
+``temperature``/``top_p``/``seed`` are accepted and have no effect. ``top_logprobs: N`` lists
+the N most likely tokens at each step, most likely first (the generated one is the first: the
+decoding is greedy).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from foveal.pools.chat_schema import ChatParams, ImagePart, Part, TextPart
-from foveal.pools.engine import Completion, NotAccepting, PoolEngine, QueueFull
+from foveal.pools.engine import Completion, NotAccepting, PoolEngine, QueueFull, token_bytes
 from foveal.pools.reference.data import image_tensor
+from foveal.pools.reference.tokenizer import Tokenizer
 
 __all__ = ["PoolServer", "create_pool_app", "decode_image", "parse_chat"]
 
@@ -173,10 +175,25 @@ def _usage(c: Completion) -> dict[str, int]:
     }
 
 
-def _logprob(token: str, raw: bytes, logprob: float, top: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {"token": token, "logprob": logprob, "bytes": list(raw)}
-    entry["top_logprobs"] = [dict(entry)] if top > 0 else []
-    return entry
+def _logprobs(c: Completion, tokenizer: Tokenizer, top: int) -> list[dict[str, Any]]:
+    """OpenAI ``logprobs.content`` of a completion: each token with its ``top`` alternatives."""
+
+    def alternative(token: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(tokenizer, token)
+        return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(raw)}
+
+    entries = []
+    for i, (token, raw, lp) in enumerate(zip(c.tokens, c.token_bytes, c.logprobs, strict=True)):
+        alts = c.alternatives[i][:top] if top > 0 and i < len(c.alternatives) else []
+        entries.append(
+            {
+                "token": token,
+                "logprob": lp,
+                "bytes": list(raw),
+                "top_logprobs": [alternative(t, a) for t, a in alts],
+            }
+        )
+    return entries
 
 
 def _deltas(c: Completion, decode: Any) -> list[str]:
@@ -222,7 +239,7 @@ def create_pool_app(engine: PoolEngine, *, manage_engine: bool = True) -> FastAP
     app.state.stopping = False  # set by the server on SIGTERM: /health turns 503
     created = int(time.time())
     size = engine.image_size
-    decode = engine.model.tokenizer.decode
+    tokenizer = engine.model.tokenizer
 
     @app.get("/health")
     async def health() -> Response:
@@ -299,7 +316,7 @@ def create_pool_app(engine: PoolEngine, *, manage_engine: bool = True) -> FastAP
                 engine.model_name,
                 cid,
                 completion,
-                decode,
+                tokenizer,
                 logprobs=bool(req.logprobs),
                 top=top,
                 usage=usage,
@@ -307,9 +324,7 @@ def create_pool_app(engine: PoolEngine, *, manage_engine: bool = True) -> FastAP
             return StreamingResponse(chunks, media_type="text/event-stream")
         logprobs: dict[str, Any] | None = None
         if req.logprobs:
-            c = completion
-            triples = zip(c.tokens, c.token_bytes, c.logprobs, strict=True)
-            logprobs = {"content": [_logprob(t, b, lp, top) for t, b, lp in triples]}
+            logprobs = {"content": _logprobs(completion, tokenizer, top)}
         reply = {"role": "assistant", "content": completion.text}
         choice: dict[str, Any] = {
             "index": 0,
@@ -341,7 +356,14 @@ def _unavailable(engine: PoolEngine) -> JSONResponse:
 
 
 async def _sse(
-    model: str, cid: str, c: Completion, decode: Any, *, logprobs: bool, top: int, usage: bool
+    model: str,
+    cid: str,
+    c: Completion,
+    tokenizer: Tokenizer,
+    *,
+    logprobs: bool,
+    top: int,
+    usage: bool,
 ) -> AsyncIterator[bytes]:
     """The SSE chunks of a finished completion: role, one chunk per token, finish, usage.
 
@@ -356,10 +378,10 @@ async def _sse(
         return b"data: " + _dumps({**head, "choices": [choice]}).encode() + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    deltas = _deltas(c, decode)
-    for token, raw, lp, delta in zip(c.tokens, c.token_bytes, c.logprobs, deltas, strict=True):
-        entry = {"content": [_logprob(token, raw, lp, top)]} if logprobs else None
-        yield chunk({"content": delta}, entry)
+    deltas = _deltas(c, tokenizer.decode)
+    entries = _logprobs(c, tokenizer, top) if logprobs else [None] * len(deltas)
+    for delta, entry in zip(deltas, entries, strict=True):
+        yield chunk({"content": delta}, {"content": [entry]} if entry else None)
     yield chunk({}, None, c.finish_reason)
     if usage:
         tail = {**head, "choices": [], "usage": _usage(c)}

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -126,6 +127,54 @@ async def test_openai_client_gets_answer_logprobs_and_usage(
     assert raw.decode("utf-8", "replace") == choice.message.content
     assert resp.usage.prompt_tokens == 16 + _text_tokens(vlm, QUESTION)
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+async def test_top_logprobs_lists_the_most_likely_tokens_in_order(
+    pools: dict[str, PoolServer],
+) -> None:
+    async with _client(pools["t16"].url) as client:
+        resp = await client.chat.completions.create(
+            model=MODEL,
+            messages=[image_message(QUESTION)],  # type: ignore[list-item]
+            max_tokens=4,
+            logprobs=True,
+            top_logprobs=5,
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[image_message(QUESTION)],  # type: ignore[list-item]
+            max_tokens=4,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+        )
+        streamed = [
+            c.choices[0].logprobs.content[0]
+            async for c in stream
+            if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content
+        ]
+        bare = await client.chat.completions.create(
+            model=MODEL,
+            messages=[image_message(QUESTION)],  # type: ignore[list-item]
+            max_tokens=4,
+            logprobs=True,
+        )
+    content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content
+    for entry in content:
+        alts = entry.top_logprobs
+        assert len(alts) == 5
+        assert (alts[0].token, alts[0].logprob) == (entry.token, entry.logprob)  # greedy
+        lps = [a.logprob for a in alts]
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+        assert sum(math.exp(lp) for lp in lps) <= 1 + 1e-6
+        assert len({bytes(a.bytes or []) for a in alts}) == 5  # five different tokens
+    # the stream carries the same alternatives, cut to its own top_logprobs
+    assert [e.token for e in streamed] == [e.token for e in content]
+    for s, whole in zip(streamed, content, strict=True):
+        assert [a.token for a in s.top_logprobs] == [a.token for a in whole.top_logprobs[:3]]
+    bare_content = bare.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert bare_content and all(e.top_logprobs == [] for e in bare_content)
 
 
 async def test_prompt_tokens_count_the_tiers_visual_tokens(pools: dict[str, PoolServer]) -> None:

@@ -38,7 +38,7 @@ from foveal.pools.reference.compress import (
     kcenter_indices,
 )
 from foveal.pools.reference.data import glyph_targets, grid_cell, image_tensor, text_batch
-from foveal.pools.reference.model import GLYPHS, VLMConfig, build_model
+from foveal.pools.reference.model import GLYPHS, TOP_ALTERNATIVES, VLMConfig, build_model
 from foveal.pools.reference.tokenizer import EOS, SEP, Tokenizer
 
 SMALL = VLMConfig(d_model=32, n_heads=2, vision_layers=1, lm_layers=1, mlp_ratio=2)
@@ -150,6 +150,12 @@ def test_generate_reports_prompt_tokens_and_logprobs(model) -> None:
         assert b.prompt_tokens - a.prompt_tokens == 12  # visual tokens count in the prompt
         assert 1 <= len(a.logprobs) <= 5 and all(lp <= 0 for lp in a.logprobs)
         assert len(a.token_ids) <= len(a.logprobs)
+        # every step's alternatives: the 20 most likely tokens, the greedy choice first
+        assert len(a.alternatives) == len(a.logprobs)
+        for alts, lp, tok in zip(a.alternatives, a.logprobs, a.token_ids + [EOS], strict=False):
+            assert len(alts) == TOP_ALTERNATIVES and alts[0] == (tok, lp)
+            lps = [x for _, x in alts]
+            assert lps == sorted(lps, reverse=True) and len({t for t, _ in alts}) == len(alts)
 
 
 def test_cached_decoding_matches_a_full_recompute(model) -> None:

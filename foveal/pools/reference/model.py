@@ -15,7 +15,7 @@ generates the answer greedily with a KV cache and reports per-token log-probabil
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +143,19 @@ class Block(nn.Module):
         return x, (k, v), scores
 
 
+#: Alternatives kept per generated token (OpenAI's ``top_logprobs`` allows up to 20).
+TOP_ALTERNATIVES = 20
+
+
 @dataclass
 class Generation:
     text: str
     token_ids: list[int]
     logprobs: list[float]
     prompt_tokens: int  # visual + text tokens of the prompt
+    #: per generated token (end-of-sequence included), the most likely tokens at that step as
+    #: (token id, log-probability), most likely first: the greedy choice is the first one
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class ReferenceVLM(nn.Module):
@@ -391,15 +398,20 @@ class ReferenceVLM(nn.Module):
         next_rel = rel[:, -1] + 1
         out: list[list[int]] = [[] for _ in range(b)]
         lps: list[list[float]] = [[] for _ in range(b)]
+        alts: list[list[list[tuple[int, float]]]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         last = hidden[:, -1:]
+        n_alt = min(TOP_ALTERNATIVES, self.config.vocab_size)
         for _ in range(max_new_tokens):
             logp = self.logits(last[:, -1]).float().log_softmax(-1)
-            tok = logp.argmax(-1)
+            top_lp, top_id = logp.topk(n_alt, -1)  # sorted: top_id[:, 0] is the argmax
+            tok = top_id[:, 0]
+            top_ids, top_lps = top_id.tolist(), top_lp.tolist()
             for r in range(b):
                 if not done[r]:
-                    out[r].append(int(tok[r]))
-                    lps[r].append(float(logp[r, tok[r]]))
+                    out[r].append(top_ids[r][0])
+                    lps[r].append(top_lps[r][0])
+                    alts[r].append(list(zip(top_ids[r], top_lps[r], strict=True)))
             done |= tok == EOS
             if bool(done.all()):
                 break
@@ -417,8 +429,8 @@ class ReferenceVLM(nn.Module):
             next_rel = next_rel + 1
         prompt = [k + int(v.sum()) for v in valid]
         return [
-            Generation(self.tokenizer.decode(o), [t for t in o if t != EOS], lp, p)
-            for o, lp, p in zip(out, lps, prompt, strict=True)
+            Generation(self.tokenizer.decode(o), [t for t in o if t != EOS], lp, p, alt)
+            for o, lp, p, alt in zip(out, lps, prompt, alts, strict=True)
         ]
 
     # -- cost ---------------------------------------------------------------------------------

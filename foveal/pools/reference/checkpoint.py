@@ -16,7 +16,7 @@ from foveal.pools.reference.model import ReferenceVLM, VLMConfig
 from foveal.pools.reference.tokenizer import Tokenizer
 
 SHIPPED = Path(__file__).parent / "weights" / "foveal-ref.pt"
-FORMAT = 3
+FORMAT = 4
 
 
 def save_checkpoint(model: ReferenceVLM, path: Path, **meta: Any) -> None:

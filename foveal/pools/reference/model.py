@@ -2,7 +2,8 @@
 
 ```
 image (128x128) ─► [resolution: downscale to 8*sqrt(k) px] ─► conv stem (stride 8) + 2D positions
-                ─► [CLS] + vision transformer ─► patch tokens (k, or 256 then compressed to k)
+                ─► [CLS] + vision transformer ─► patch tokens + read-out of the auxiliary heads
+                ─► (k tokens, or 256 then compressed to k)
                 ─► projector + tier embedding ─► decoder LM over [visual | question SEP answer EOS]
 ```
 
@@ -188,6 +189,11 @@ class ReferenceVLM(nn.Module):
         # supervision that teaches the encoder to see characters long before the decoder has
         # learnt where to look for them (reading otherwise sits on a loss plateau for hours).
         self.aux_heads = nn.ModuleDict({n: nn.Linear(d, c) for n, c in AUX_HEADS.items()})
+        # Read-out: every patch token also carries what the heads see there (their class
+        # probabilities, embedded back), so the decoder copies "this glyph is a 7", "this object
+        # sits in the top-right cell" from the token it attends to instead of re-deriving it.
+        # Starts at zero: at initialisation the tokens are the encoder's alone.
+        self.readout = nn.Linear(sum(AUX_HEADS.values()), d)
         self.levels = square_side(c.max_tokens).bit_length()  # tiers 1, 4, 16, ... max_tokens
         self.tier_emb = nn.Embedding(len(MECHANISMS) * self.levels, d)
         self.tok_emb = nn.Embedding(c.vocab_size, d)
@@ -206,6 +212,7 @@ class ReferenceVLM(nn.Module):
         for fuse in self.fuse:
             assert isinstance(fuse, Fuse)
             nn.init.zeros_(fuse.film.weight)
+        nn.init.zeros_(self.readout.weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -230,6 +237,15 @@ class ReferenceVLM(nn.Module):
             scores = s if s is not None else scores
         return self.vision_ln(x[:, 1:]), scores
 
+    def read_out(self, grid: Tensor) -> Tensor:
+        """Patch tokens plus the embedding of the auxiliary heads' class probabilities there.
+
+        The probabilities are detached: the heads learn only from their own dense targets, the
+        read-out learns from the answers what to take from them.
+        """
+        probs = [head(grid).float().softmax(-1) for head in self.aux_heads.values()]
+        return grid + self.readout(torch.cat(probs, -1).detach().to(grid.dtype))
+
     def tier_index(self, k: int, mechanism: str) -> int:
         level = min(self.levels - 1, round(math.log(k, 4))) if k > 1 else 0
         return MECHANISMS.index(mechanism) * self.levels + level
@@ -246,10 +262,11 @@ class ReferenceVLM(nn.Module):
             if side != images.shape[-1]:
                 images = F.interpolate(images, size=(side, side), mode="area")
             grid, _ = self.encode(images)
-            tokens = grid
+            tokens = self.read_out(grid)
         else:
             grid, scores = self.encode(images, cls_scores=mechanism != "pool")
-            tokens = compress(grid, scores if scores is not None else grid[..., 0], k, mechanism)
+            tokens = self.read_out(grid)
+            tokens = compress(tokens, scores if scores is not None else grid[..., 0], k, mechanism)
         tier = torch.full((1, 1), self.tier_index(k, mechanism), device=images.device)
         return self.project(tokens) + self.tier_emb(tier), grid
 
@@ -436,8 +453,8 @@ class ReferenceVLM(nn.Module):
     # -- cost ---------------------------------------------------------------------------------
 
     def prefill_flops(self, k: int, mechanism: str = "resolution", text_tokens: int = 12) -> int:
-        """Multiply-add FLOPs (x2) of one prefill: stem + vision encoder + projector + question
-        fusion + decoder prompt."""
+        """Multiply-add FLOPs (x2) of one prefill: stem + vision encoder (with the heads' read-out)
+        + projector + question fusion + decoder prompt."""
         c, d = self.config, self.config.d_model
         n_img = k if mechanism == "resolution" else c.max_tokens
         side = square_side(n_img) * c.patch if mechanism == "resolution" else c.image_size
@@ -452,6 +469,7 @@ class ReferenceVLM(nn.Module):
 
         seq = k + text_tokens
         vision = layers(n_img + 1, c.vision_layers)
+        vision += n_img * 2 * d * sum(AUX_HEADS.values())  # the heads and their read-out
         question = 2 * d * d + c.fuse_layers * 2 * d * d  # question MLP, FiLM projections
         fuse = c.fuse_layers * k * 2 * c.mlp_ratio * d * d
         return 2 * (stem + vision + k * d * d + question + fuse + layers(seq, c.lm_layers))

@@ -86,6 +86,15 @@ def _client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
+async def _ask(client: openai.AsyncOpenAI, **params: Any) -> Any:
+    """The served model's answer to QUESTION about the test image (``params``: the rest)."""
+    return await client.chat.completions.create(
+        model=MODEL,
+        messages=[image_message(QUESTION)],  # type: ignore[list-item]
+        **params,
+    )
+
+
 def _body(**extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [image_message(QUESTION)], "max_tokens": 6, **extra}
 
@@ -109,13 +118,7 @@ async def test_openai_client_gets_answer_logprobs_and_usage(
     pools: dict[str, PoolServer], vlm: ReferenceVLM
 ) -> None:
     async with _client(pools["t16"].url) as client:
-        resp = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=6,
-            logprobs=True,
-            top_logprobs=1,
-        )
+        resp = await _ask(client, max_tokens=6, logprobs=True, top_logprobs=1)
     assert resp.model == MODEL and resp.object == "chat.completion"
     choice = resp.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
@@ -133,32 +136,14 @@ async def test_top_logprobs_lists_the_most_likely_tokens_in_order(
     pools: dict[str, PoolServer],
 ) -> None:
     async with _client(pools["t16"].url) as client:
-        resp = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=4,
-            logprobs=True,
-            top_logprobs=5,
-        )
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=4,
-            logprobs=True,
-            top_logprobs=3,
-            stream=True,
-        )
+        resp = await _ask(client, max_tokens=4, logprobs=True, top_logprobs=5)
+        stream = await _ask(client, max_tokens=4, logprobs=True, top_logprobs=3, stream=True)
         streamed = [
             c.choices[0].logprobs.content[0]
             async for c in stream
             if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content
         ]
-        bare = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=4,
-            logprobs=True,
-        )
+        bare = await _ask(client, max_tokens=4, logprobs=True)
     content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content
     for entry in content:
@@ -181,11 +166,7 @@ async def test_prompt_tokens_count_the_tiers_visual_tokens(pools: dict[str, Pool
     usage = {}
     for tier in ("t1", "t16"):
         async with _client(pools[tier].url) as client:
-            resp = await client.chat.completions.create(
-                model=MODEL,
-                messages=[image_message(QUESTION)],  # type: ignore[list-item]
-                max_tokens=2,
-            )
+            resp = await _ask(client, max_tokens=2)
         assert resp.usage is not None
         usage[tier] = resp.usage.prompt_tokens
     assert usage["t16"] - usage["t1"] == 15
@@ -195,18 +176,9 @@ async def test_streaming_sends_the_same_answer_token_by_token(
     pools: dict[str, PoolServer],
 ) -> None:
     async with _client(pools["t16"].url) as client:
-        whole = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=6,
-        )
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=6,
-            stream=True,
-            stream_options={"include_usage": True},
-            logprobs=True,
+        whole = await _ask(client, max_tokens=6)
+        stream = await _ask(
+            client, max_tokens=6, stream=True, stream_options={"include_usage": True}, logprobs=True
         )
         chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -334,11 +306,7 @@ async def test_invalid_json_is_a_bad_request(pools: dict[str, PoolServer]) -> No
 
 async def test_metrics_pass_promtool(pools: dict[str, PoolServer]) -> None:
     async with _client(pools["t1"].url) as client:
-        await client.chat.completions.create(
-            model=MODEL,
-            messages=[image_message(QUESTION)],  # type: ignore[list-item]
-            max_tokens=2,
-        )
+        await _ask(client, max_tokens=2)
     async with aiohttp.ClientSession(pools["t1"].url) as http:
         async with http.get("/metrics") as resp:
             text = await resp.text()
@@ -411,10 +379,7 @@ async def test_a_full_queue_answers_429_with_retry_after(gated: PoolServer, gate
         assert "queue is full (2 requests waiting)" in body["error"]["message"]
         with pytest.raises(openai.RateLimitError, match="queue is full"):
             async with _client(gated.url) as client:
-                await client.chat.completions.create(
-                    model=MODEL,
-                    messages=[image_message(QUESTION)],  # type: ignore[list-item]
-                )
+                await _ask(client)
         gate.open()
         done = await asyncio.gather(first, *queued)
     assert [status for status, _, _ in done] == [200, 200, 200]  # nothing queued was lost

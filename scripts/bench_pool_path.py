@@ -17,30 +17,14 @@ import argparse
 import asyncio
 import statistics
 import time
-import urllib.request
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from foveal.bench.routing_stack import engine_seconds
 from foveal.bench.tiers import _body, _load, load_samples, pool_server
 from foveal.pools.engine import EngineSettings, PoolEngine, tier_tokens
 from foveal.pools.reference.checkpoint import SHIPPED, load_checkpoint
 from foveal.pools.reference.data import image_tensor
-
-
-def _batch_seconds(url: str) -> tuple[float, float]:
-    """(sum, count) of the pool's forward-pass duration histogram."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "foveal_pool_server_batch_duration_seconds":
-            for s in family.samples:
-                if s.name.endswith("_sum"):
-                    total = s.value
-                elif s.name.endswith("_count"):
-                    count = s.value
-    return total, count
 
 
 async def _engine_ms(engine: PoolEngine, images: list[torch.Tensor], questions: list[str]) -> float:
@@ -79,10 +63,10 @@ def main() -> None:
         bodies = [_body(s.image, s.question) for s in work]
         with pool_server(tier, SHIPPED) as url:
             asyncio.run(_load(url, bodies[:8], 1))  # warm-up
-            s0, c0 = _batch_seconds(url)
+            busy = engine_seconds({tier: url})[tier]
             http_ms = 1000 * statistics.median(asyncio.run(_load(url, bodies, 1)))
-            s1, c1 = _batch_seconds(url)
-        forward_ms = 1000 * (s1 - s0) / max(1.0, c1 - c0)
+            busy = engine_seconds({tier: url})[tier] - busy
+        forward_ms = 1000 * busy / len(bodies)  # one request at a time: one forward pass each
         rows[tier] = (model_ms, engine_ms, forward_ms, http_ms)
         print(
             f"{tier:>5}  model {model_ms:6.2f} ms  engine {engine_ms:6.2f} ms  "
